@@ -1,0 +1,24 @@
+"""V2Drop for vLLM: variation-aware vision token dropping inside the language model.
+
+``register()`` is the ``vllm.general_plugins`` entry point. vLLM calls it in
+every process (API server, engine core, workers, the registry's inspection
+subprocess), so it is idempotent, cheap and never touches CUDA.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_REGISTERED = False
+
+
+def register() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    _REGISTERED = True
+    try:
+        from vllm_v2drop.integration import install
+    except ImportError:  # integration not built yet
+        return
+    install()
