@@ -9,16 +9,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-_REGISTERED = False
-
 
 def register() -> None:
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    _REGISTERED = True
-    try:
-        from vllm_v2drop.integration import install
-    except ImportError:  # integration not built yet
-        return
+    """Entry point of the ``vllm.general_plugins`` group."""
+    from vllm_v2drop.integration import install
+
     install()

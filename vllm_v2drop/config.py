@@ -1,0 +1,321 @@
+"""V2Drop settings, read from ``--additional-config '{"v2drop": {...}}'``.
+
+:class:`V2DropConfig` validates what the user wrote (types, ranges, the
+combinations that make sense). Once the model depth is known,
+:meth:`V2DropConfig.resolve` turns it into a :class:`ResolvedSchedule`: the
+exact layers and keep ratios to run, with one log line saying where they came
+from. Every rejection is a :class:`V2DropConfigError` whose message names the
+field and what it allows.
+
+Schedule sources, first match wins:
+
+1. ``layers`` + ``keep_ratios`` (or + ``target_retention``): used as given.
+2. ``preset`` (optionally with ``keep_ratios`` or ``target_retention`` to
+   replace the preset's ratios): the preset's layers, scaled to the model depth.
+3. nothing: the architecture's default preset (see
+   :data:`vllm_v2drop.presets.DEFAULT_PRESET_BY_ARCHITECTURE`), likewise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from vllm_v2drop.plan import RequestPlan, average_retention, plan_request, solve_keep_ratios
+from vllm_v2drop.presets import PRESETS, default_preset_for, scale_layers
+
+__all__ = ["ResolvedSchedule", "V2DropConfig", "V2DropConfigError"]
+
+Metric = Literal["l2", "l1", "cosine", "random", "none"]
+Modality = Literal["image", "video"]
+
+_PREFIX = """Invalid V2Drop configuration (--additional-config '{"v2drop": ...}'): """
+_PRESET_NAMES = ", ".join(PRESETS)
+
+#: What each field accepts, quoted in error messages.
+ALLOWED: dict[str, str] = {
+    "preset": f"null or one of: {_PRESET_NAMES}",
+    "layers": "null or a list of strictly increasing integers >= 1 and < the model's layer count",
+    "keep_ratios": "null or a list of numbers in [0, 1], one per layer",
+    "target_retention": "null or a number in (0, 1]",
+    "reference_rows": "an integer >= 1",
+    "metric": "l2, l1, cosine, random, none",
+    "min_keep": "an integer >= 1",
+    "modalities": "a non-empty list of distinct values from: image, video",
+    "seed": "an integer",
+    "trace": "null or a directory path (string)",
+    "kv_mode": "shared, per_stage",
+}
+
+
+class V2DropConfigError(ValueError):
+    """An invalid V2Drop configuration; the message says which field and what it allows."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(_PREFIX + problem)
+
+
+def _problem(field: str, text: str) -> str:
+    return f"{field}: {text} (allowed: {ALLOWED[field]})"
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    problems = []
+    for e in err.errors():
+        loc = e["loc"]
+        if e["type"] == "value_error":  # our own validators already name the field
+            problems.append(str(e["ctx"]["error"]))
+            continue
+        field = str(loc[0]) if loc else "v2drop"
+        where = field + "".join(f"[{part}]" for part in loc[1:])
+        if e["type"] == "extra_forbidden":
+            problems.append(f"{field}: unknown key (allowed keys: {', '.join(ALLOWED)})")
+        elif field in ALLOWED:
+            problems.append(f"{where}: {e['msg'].lower()}, got {e['input']!r} (allowed: {ALLOWED[field]})")
+        else:
+            problems.append(f"{where}: {e['msg']}")
+    return "; ".join(problems)
+
+
+class V2DropConfig(BaseModel):
+    """The user's V2Drop settings (``additional_config["v2drop"]``), validated.
+
+    Fields:
+        preset: a named schedule (see :mod:`vllm_v2drop.presets`).
+        layers: layers before which rows are dropped (``1 <= l_1 < l_2 < ... < L``).
+        keep_ratios: share of the rows still present that each stage keeps.
+        target_retention: ask for this average share of vision rows per layer
+            instead of giving ``keep_ratios``; they are solved for ``layers``
+            (or the preset's layers) on an item of ``reference_rows`` rows.
+        reference_rows: item size used for ``target_retention`` and reporting.
+        metric: ``l2`` (the paper), ``l1``, ``cosine`` (the paper's first
+            version), ``random`` (seeded baseline), ``none`` (no dropping).
+        min_keep: the fewest rows a stage keeps per item.
+        modalities: which vision items may be pruned.
+        seed: seed of the ``random`` metric.
+        trace: directory to write per-request traces to.
+        kv_mode: ``shared`` (one block table) or ``per_stage`` (KV groups per stage).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    preset: str | None = None
+    layers: list[int] | None = None
+    keep_ratios: list[float] | None = None
+    target_retention: float | None = None
+    reference_rows: int = 576
+    metric: Metric = "l2"
+    min_keep: int = 1
+    modalities: list[Modality] = ["image", "video"]
+    seed: int = 0
+    trace: str | None = None
+    kv_mode: Literal["shared", "per_stage"] = "shared"
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise V2DropConfigError(_format_validation_error(err)) from None
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> V2DropConfig:
+        """Read ``additional_config["v2drop"]``; a missing key gives the defaults."""
+        if additional_config is None:
+            return cls()
+        if not isinstance(additional_config, Mapping):
+            raise V2DropConfigError(f"additional_config must be a JSON object, got {type(additional_config).__name__}")
+        raw = additional_config.get("v2drop")
+        if raw is None:
+            return cls()
+        if isinstance(raw, V2DropConfig):
+            return raw
+        if not isinstance(raw, Mapping):
+            raise V2DropConfigError(
+                f"v2drop: must be a JSON object, got {raw!r} (allowed keys: {', '.join(ALLOWED)})"
+            )
+        return cls(**dict(raw))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tuples_as_lists(cls, data: Any) -> Any:
+        """Accept tuples from Python callers; JSON only ever gives lists."""
+        if isinstance(data, dict):
+            return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+        return data
+
+    @field_validator("preset")
+    @classmethod
+    def _check_preset(cls, v: str | None) -> str | None:
+        if v is not None and v not in PRESETS:
+            raise ValueError(_problem("preset", f"unknown preset {v!r}"))
+        return v
+
+    @field_validator("layers")
+    @classmethod
+    def _check_layers(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError(_problem("layers", "must not be empty (use metric 'none' to disable dropping)"))
+        if min(v) < 1:
+            raise ValueError(_problem("layers", f"layer {min(v)} is < 1 in {v}"))
+        if any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(_problem("layers", f"must be sorted and without duplicates, got {v}"))
+        return v
+
+    @field_validator("keep_ratios")
+    @classmethod
+    def _check_ratios(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and any(not 0.0 <= r <= 1.0 for r in v):
+            raise ValueError(_problem("keep_ratios", f"every ratio must lie in [0, 1], got {v}"))
+        return v
+
+    @field_validator("target_retention")
+    @classmethod
+    def _check_target(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 < v <= 1.0:
+            raise ValueError(_problem("target_retention", f"must lie in (0, 1], got {v}"))
+        return v
+
+    @field_validator("reference_rows", "min_keep")
+    @classmethod
+    def _check_positive(cls, v: int, info: Any) -> int:
+        if v < 1:
+            raise ValueError(_problem(info.field_name, f"must be >= 1, got {v}"))
+        return v
+
+    @field_validator("modalities")
+    @classmethod
+    def _check_modalities(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(_problem("modalities", f"got {v}"))
+        return v
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> V2DropConfig:
+        if self.keep_ratios is not None and self.target_retention is not None:
+            raise ValueError(
+                "keep_ratios, target_retention: give one of them, not both "
+                "(allowed: keep_ratios alone, target_retention alone, or neither)"
+            )
+        if self.keep_ratios is not None:
+            if self.layers is not None:
+                n_layers, whose = len(self.layers), "layers"
+            elif self.preset is not None:
+                n_layers, whose = len(PRESETS[self.preset].layers), f"preset {self.preset!r}"
+            else:
+                raise ValueError(
+                    _problem("keep_ratios", "needs layers (or a preset to take the layers from)")
+                )
+            if len(self.keep_ratios) != n_layers:
+                raise ValueError(
+                    _problem(
+                        "keep_ratios",
+                        f"has {len(self.keep_ratios)} ratios but {whose} has {n_layers} layers",
+                    )
+                )
+        elif self.layers is not None and self.target_retention is None:
+            raise ValueError(_problem("layers", "need keep_ratios or target_retention to go with them"))
+        return self
+
+    def resolve(self, num_layers: int, architecture: str) -> ResolvedSchedule:
+        """The schedule to run on a model with ``num_layers`` decoder layers.
+
+        Raises :class:`V2DropConfigError` when user-given layers do not fit the
+        model, or when no schedule was given and ``architecture`` has no default.
+        """
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        notes: list[str] = []
+        if self.layers is not None:
+            if self.layers[-1] >= num_layers:
+                raise V2DropConfigError(
+                    _problem(
+                        "layers",
+                        f"layer {self.layers[-1]} does not exist in a model with {num_layers} layers "
+                        f"(layers must be < {num_layers})",
+                    )
+                )
+            layers: tuple[int, ...] = tuple(self.layers)
+            ratios: tuple[float, ...] = tuple(self.keep_ratios or (0.0,) * len(layers))
+            source = "user schedule"
+        else:
+            name = self.preset or default_preset_for(architecture)
+            if name is None:
+                raise V2DropConfigError(
+                    _problem(
+                        "preset",
+                        f"architecture {architecture!r} has no default schedule; give a preset or layers",
+                    )
+                )
+            p = PRESETS[name]
+            base_ratios = tuple(self.keep_ratios) if self.keep_ratios is not None else p.keep_ratios
+            layers, ratios, notes = scale_layers(p.layers, base_ratios, p.ref_depth, num_layers)
+            source = f"preset {name!r}" + ("" if self.preset else f" (default for {architecture})")
+            if p.ref_depth != num_layers:
+                source += f", written for {p.ref_depth} layers, scaled to {num_layers}"
+        if self.target_retention is not None and layers:
+            ratios, _ = solve_keep_ratios(
+                layers, num_layers, self.target_retention, self.reference_rows, self.min_keep
+            )
+            source += f", keep_ratios solved for target_retention {self.target_retention}"
+
+        if self.metric == "none":
+            layers, ratios = (), ()
+            notes.append("metric 'none': nothing is dropped")
+        achieved = (
+            average_retention(self.reference_rows, layers, ratios, num_layers, self.min_keep) if layers else 1.0
+        )
+        description = (
+            f"V2Drop: {source}: layers {list(layers)}, keep_ratios {list(ratios)}, metric {self.metric}, "
+            f"average retention {achieved:.1%} ({achieved * self.reference_rows:.1f} of "
+            f"{self.reference_rows} rows per layer)"
+        )
+        if notes:
+            description += "; " + "; ".join(notes)
+        return ResolvedSchedule(
+            layers=layers,
+            keep_ratios=ratios,
+            min_keep=self.min_keep,
+            metric=self.metric,
+            seed=self.seed,
+            num_layers=num_layers,
+            description=description,
+            achieved_retention=achieved,
+            modalities=tuple(self.modalities),
+            trace=self.trace,
+            kv_mode=self.kv_mode,
+        )
+
+
+@dataclass(frozen=True)
+class ResolvedSchedule:
+    """The schedule a model runs: what :meth:`V2DropConfig.resolve` returns.
+
+    ``layers`` is empty when nothing is dropped (metric ``none``, or a model
+    too shallow for any stage). ``achieved_retention`` is the average share of
+    an item's vision rows present per layer, for the config's ``reference_rows``.
+    """
+
+    layers: tuple[int, ...]
+    keep_ratios: tuple[float, ...]
+    min_keep: int
+    metric: Metric
+    seed: int
+    num_layers: int
+    description: str
+    achieved_retention: float
+    modalities: tuple[Modality, ...] = ("image", "video")
+    trace: str | None = None
+    kv_mode: Literal["shared", "per_stage"] = "shared"
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.layers)
+
+    def plan(self, items: Any, num_prompt_tokens: int, prune: bool = True) -> RequestPlan:
+        """:func:`vllm_v2drop.plan.plan_request` with this schedule's ratios and ``min_keep``."""
+        return plan_request(items, num_prompt_tokens, self.keep_ratios, self.min_keep, prune=prune)

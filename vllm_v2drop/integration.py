@@ -1,0 +1,137 @@
+"""How V2Drop plugs into vLLM: model registration, ``--model-impl v2drop``, config hook.
+
+Everything here runs in every vLLM process (through ``register()``); it only
+touches Python objects (no CUDA) and is idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("vllm.v2drop")
+
+#: vLLM architecture -> (V2Drop architecture, module:class of its implementation)
+ARCHITECTURES: dict[str, str] = {
+    "LlavaForConditionalGeneration": "V2DropLlavaForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration": "V2DropLlavaOnevisionForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration": "V2DropQwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "V2DropQwen2_5_VLForConditionalGeneration",
+}
+V2DROP_ARCHITECTURES = frozenset(ARCHITECTURES.values())
+MODEL_IMPL = "v2drop"
+
+_installed = False
+
+
+def install() -> None:
+    """Register the V2Drop models, the ``--model-impl v2drop`` mapping and the config hook."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+
+    from vllm.model_executor.models import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    for v2_arch in V2DROP_ARCHITECTURES:
+        ModelRegistry.register_model(v2_arch, f"vllm_v2drop.models:{v2_arch}")
+        MODELS_CONFIG_MAP[v2_arch] = V2DropConfigHook
+    _map_model_impl(ModelRegistry)
+
+
+def _supported_message(architectures) -> str:
+    return (
+        f"--model-impl {MODEL_IMPL} does not support architecture(s) {list(architectures)}. "
+        f"Supported: {', '.join(sorted(ARCHITECTURES))}. "
+        "Serve this model without --model-impl v2drop."
+    )
+
+
+def _map_model_impl(registry) -> None:
+    """Make ``--model-impl v2drop`` select the V2Drop variant of a supported VLM.
+
+    vLLM parses ``model_impl`` as a free string. For ``v2drop`` we rewrite the
+    top-level architecture to its V2Drop name in the registry's inspect and
+    resolve steps. Inner language models (``Qwen2ForCausalLM`` ...) pass through
+    unchanged; an unsupported top-level architecture fails in ``inspect`` (which
+    vLLM calls only for the top-level model config).
+    """
+    inspect, resolve = registry.inspect_model_cls, registry.resolve_model_cls
+
+    def mapped(architectures, model_config, strict: bool):
+        if getattr(model_config, "model_impl", None) != MODEL_IMPL:
+            return architectures
+        archs = [architectures] if isinstance(architectures, str) else list(architectures)
+        out = [ARCHITECTURES.get(a, a) for a in archs]
+        if strict and not any(a in V2DROP_ARCHITECTURES for a in out):
+            raise ValueError(_supported_message(archs))
+        return out
+
+    def inspect_model_cls(architectures, model_config):
+        return inspect(mapped(architectures, model_config, strict=True), model_config)
+
+    def resolve_model_cls(architectures, model_config):
+        return resolve(mapped(architectures, model_config, strict=False), model_config)
+
+    registry.inspect_model_cls = inspect_model_cls
+    registry.resolve_model_cls = resolve_model_cls
+
+
+class V2DropConfigHook:
+    """vLLM's per-architecture config hook (``MODELS_CONFIG_MAP``) for the V2Drop models.
+
+    Forces what V2Drop needs, refuses what it cannot support, and validates the
+    ``--additional-config '{"v2drop": ...}'`` against the model's depth, so that a
+    bad setting fails at start-up with one clear message.
+    """
+
+    @staticmethod
+    def verify_and_update_model_config(model_config) -> None:
+        return
+
+    @staticmethod
+    def verify_and_update_config(vllm_config) -> None:
+        refused = []
+        if vllm_config.speculative_config is not None:
+            refused.append("speculative decoding (--speculative-config)")
+        if vllm_config.parallel_config.pipeline_parallel_size > 1:
+            refused.append("pipeline parallelism (--pipeline-parallel-size > 1)")
+        if vllm_config.kv_transfer_config is not None:
+            refused.append("KV connectors / disaggregated prefill (--kv-transfer-config)")
+        if getattr(vllm_config.parallel_config, "decode_context_parallel_size", 1) > 1:
+            refused.append("decode context parallelism (--decode-context-parallel-size > 1)")
+        if refused:
+            raise ValueError(
+                "V2Drop (--model-impl v2drop) cannot run with: " + "; ".join(refused)
+                + ". Drop these options or serve without --model-impl v2drop."
+            )
+
+        schedule = resolve_schedule(vllm_config)  # raises V2DropConfigError with a clear message
+
+        forced = []
+        cache_config = vllm_config.cache_config
+        if cache_config.enable_prefix_caching:
+            cache_config.enable_prefix_caching = False
+            forced.append("prefix caching off (compacted KV rows cannot be shared between requests)")
+        scheduler_config = vllm_config.scheduler_config
+        if not scheduler_config.disable_chunked_mm_input:
+            scheduler_config.disable_chunked_mm_input = True
+            forced.append("multimodal items never split across prefill chunks (disable_chunked_mm_input)")
+        logger.info("%s", schedule.description)
+        if forced:
+            logger.info("V2Drop forces: %s", "; ".join(forced))
+
+
+def base_architecture(architecture: str) -> str:
+    """``V2DropQwen2VLForConditionalGeneration`` -> ``Qwen2VLForConditionalGeneration``."""
+    return architecture.removeprefix("V2Drop")
+
+
+def resolve_schedule(vllm_config):
+    """The V2Drop schedule for this engine, from ``--additional-config`` and the model's depth."""
+    from vllm_v2drop.config import V2DropConfig
+
+    config = V2DropConfig.from_additional_config(vllm_config.additional_config)
+    model_config = vllm_config.model_config
+    num_layers = model_config.hf_text_config.num_hidden_layers
+    return config.resolve(num_layers, base_architecture(model_config.architecture))

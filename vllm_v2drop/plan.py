@@ -1,0 +1,337 @@
+"""How many vision rows V2Drop keeps: the single source of every count.
+
+Pure Python + NumPy (no torch, no vLLM), so the scheduler side (KV blocks,
+compact sequence lengths) and the worker side (attention metadata, row
+gathers) call the same functions and can never disagree.
+
+Vocabulary
+----------
+* A *schedule* is ``layers = (layer_1, ..., layer_S)`` with
+  ``1 <= layer_1 < ... < layer_S < num_layers`` and ``keep_ratios`` of the
+  same length, each in ``[0, 1]`` and relative to the rows still present.
+* *Stage* ``s`` (``0..S``) is the part of the model that sees the rows kept
+  after the ``s``-th drop: stage 0 is layers ``0 .. layer_1 - 1``, stage
+  ``s >= 1`` is layers ``layer_s .. layer_{s+1} - 1`` (the last one runs to
+  ``num_layers - 1``).
+* ``n_0`` is an item's candidate vision rows, ``n_s`` the rows it still has in
+  stage ``s``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "RequestPlan",
+    "average_retention",
+    "check_schedule",
+    "keep_counts",
+    "plan_request",
+    "rows_per_layer",
+    "solve_keep_ratios",
+    "stage_of_layer",
+]
+
+#: Added before flooring ``ratio * n`` so that products that are mathematically
+#: integers but land just below them in binary floating point are not floored
+#: one too low (``0.29 * 100 == 28.999999999999996`` must keep 29 rows, and
+#: ``0.1 * 30`` must keep 3). It is far smaller than any genuine fractional
+#: part of ``ratio * n`` for a ratio given with up to 8 decimals.
+FLOOR_EPS = 1e-9
+
+
+def keep_counts(n0: int, keep_ratios: Sequence[float], min_keep: int = 1) -> tuple[int, ...]:
+    """Rows an item of ``n0`` rows keeps after each stage: ``(n_1, ..., n_S)``.
+
+    ``n_s = min(n_{s-1}, max(min_keep, floor(ratio_s * n_{s-1} + FLOOR_EPS)))``:
+    a stage keeps at least ``min_keep`` rows but never adds rows back (an item
+    smaller than ``min_keep`` keeps what it has).
+    """
+    if n0 < 0:
+        raise ValueError(f"n0 must be >= 0, got {n0}")
+    if min_keep < 1:
+        raise ValueError(f"min_keep must be >= 1, got {min_keep}")
+    counts: list[int] = []
+    n = int(n0)
+    for ratio in keep_ratios:
+        n = min(n, max(min_keep, math.floor(float(ratio) * n + FLOOR_EPS)))
+        counts.append(n)
+    return tuple(counts)
+
+
+def check_schedule(layers: Sequence[int], keep_ratios: Sequence[float], num_layers: int) -> None:
+    """Raise ``ValueError`` unless ``(layers, keep_ratios)`` is a valid schedule for ``num_layers``."""
+    if len(layers) != len(keep_ratios):
+        raise ValueError(
+            f"layers and keep_ratios must have the same length, got {len(layers)} and {len(keep_ratios)}"
+        )
+    prev = 0
+    for layer in layers:
+        if not prev < layer < num_layers:
+            raise ValueError(
+                f"layers must be strictly increasing within [1, {num_layers - 1}] "
+                f"(num_layers={num_layers}), got {list(layers)}"
+            )
+        prev = layer
+    for ratio in keep_ratios:
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"keep_ratios must lie in [0, 1], got {list(keep_ratios)}")
+
+
+def stage_of_layer(layers: Sequence[int], num_layers: int) -> np.ndarray:
+    """Stage index of every layer ``0 .. num_layers-1`` (0 before ``layer_1``), as int64."""
+    return np.searchsorted(np.asarray(layers, dtype=np.int64), np.arange(num_layers), side="right").astype(
+        np.int64
+    )
+
+
+def rows_per_layer(
+    n0: int, layers: Sequence[int], keep_ratios: Sequence[float], num_layers: int, min_keep: int = 1
+) -> list[int]:
+    """Vision rows of one item of ``n0`` rows present at each layer ``0 .. num_layers-1``."""
+    check_schedule(layers, keep_ratios, num_layers)
+    per_stage = (int(n0), *keep_counts(n0, keep_ratios, min_keep))
+    return [per_stage[s] for s in stage_of_layer(layers, num_layers)]
+
+
+def average_retention(
+    n0: int, layers: Sequence[int], keep_ratios: Sequence[float], num_layers: int, min_keep: int = 1
+) -> float:
+    """Mean vision rows per layer over all ``num_layers`` layers, divided by ``n0``.
+
+    This is the paper's budget measure: LLaVA-1.5's (3, 17, 22) / (0.5, 0.5, 0.0)
+    schedule on 576 rows averages 202.8 rows, i.e. 0.352.
+    """
+    if n0 <= 0:
+        raise ValueError(f"n0 must be >= 1, got {n0}")
+    return sum(rows_per_layer(n0, layers, keep_ratios, num_layers, min_keep)) / (num_layers * n0)
+
+
+def _ratios_at(u: float, num_stages: int) -> tuple[float, ...]:
+    """The solver's one-parameter family of schedules, non-decreasing in ``u`` in ``[0, 2]``."""
+    if num_stages == 1:
+        return (min(u, 1.0),)
+    if u <= 1.0:
+        return (u,) * (num_stages - 1) + (0.0,)
+    return (1.0,) * (num_stages - 1) + (min(u - 1.0, 1.0),)
+
+
+def solve_keep_ratios(
+    layers: Sequence[int],
+    num_layers: int,
+    target_retention: float,
+    n0: int = 576,
+    min_keep: int = 1,
+) -> tuple[tuple[float, ...], float]:
+    """Keep ratios for ``layers`` whose average retention is closest to ``target_retention``.
+
+    Returns ``(keep_ratios, achieved)``, ``achieved`` being
+    :func:`average_retention` of the result for an item of ``n0`` rows.
+
+    Strategy (deterministic). The search runs over a one-parameter family that
+    follows the paper's reference schedule, whose last stage keeps only
+    ``min_keep`` rows:
+
+    * ``u`` in ``[0, 1]``: every stage but the last keeps the common ratio
+      ``r = u`` (a geometric decay ``n_s ~ r**s * n0``), the last keeps 0;
+    * ``u`` in ``(1, 2]`` (only for targets the first part cannot reach): all
+      stages but the last keep everything, the last keeps ``u - 1``;
+    * a one-stage schedule simply uses ``r = u`` (capped at 1).
+
+    The average rows per layer, computed with the exact integer counts of
+    :func:`keep_counts`, is a non-decreasing step function of ``u``. Bisection
+    finds the two steps around the target; the closer one wins (the lower one
+    on a tie). The ratio returned is the shortest decimal (up to 9 digits) that
+    lands on that step, so presets read like ``0.46`` rather than
+    ``0.4598388671875``. Whenever the target lies inside the family's range the
+    result is within one row of it for ``n0 = 576``; the tests check
+    ``0.333 / 0.222 / 0.111`` on ``(3, 17, 22)`` with 32 layers against
+    192 / 128 / 64 rows. Targets outside the range give its nearest end.
+    """
+    if not layers:
+        raise ValueError("solve_keep_ratios needs at least one layer")
+    if not 0.0 < target_retention <= 1.0:
+        raise ValueError(f"target_retention must lie in (0, 1], got {target_retention}")
+    num_stages = len(layers)
+    check_schedule(layers, (0.0,) * num_stages, num_layers)
+    u_max = 1.0 if num_stages == 1 else 2.0
+
+    def avg(u: float) -> float:
+        return average_retention(n0, layers, _ratios_at(u, num_stages), num_layers, min_keep)
+
+    def bisect(value: float) -> tuple[float, float]:
+        """``(lo, hi)``, adjacent to bisection precision, with ``avg(lo) < value <= avg(hi)``."""
+        lo, hi = 0.0, u_max
+        for _ in range(64):
+            mid = (lo + hi) / 2
+            if avg(mid) >= value:
+                hi = mid
+            else:
+                lo = mid
+        return lo, hi
+
+    lowest, highest = avg(0.0), avg(u_max)
+    if target_retention <= lowest:
+        best = lowest
+    elif target_retention >= highest:
+        best = highest
+    else:  # the two steps around the target: avg(lo) < target <= avg(hi)
+        lo, hi = bisect(target_retention)
+        below, above = avg(lo), avg(hi)
+        best = above if above - target_retention < target_retention - below else below
+    # ``a``: the smallest u that lands on ``best``; then its shortest decimal at or above it.
+    a = 0.0 if best == lowest else bisect(best)[1]
+    u = a
+    for digits in range(1, 10):
+        scale = 10**digits
+        cand = math.ceil(a * scale - 1e-9) / scale
+        if cand <= u_max and avg(cand) == best:
+            u = cand
+            break
+    ratios = tuple(round(r, 9) for r in _ratios_at(u, num_stages))
+    return ratios, average_retention(n0, layers, ratios, num_layers, min_keep)
+
+
+@dataclass(frozen=True, eq=False)
+class RequestPlan:
+    """Per-item keep counts of one request, and the compaction they imply.
+
+    Built by :func:`plan_request`. Items are the request's vision items (one
+    image or video each), sorted and disjoint, in prompt positions.
+
+    Attributes:
+        num_prompt_tokens: the request's prompt length.
+        positions: per item, the sorted prompt positions of its candidate rows.
+        starts: first candidate position per item, int64 ``[num_items]``.
+        ends: last candidate position + 1 per item, int64 ``[num_items]``.
+        counts: rows per item and stage, int64 ``[num_items, num_stages + 1]``;
+            ``counts[:, 0]`` is ``n0`` and ``counts[:, s]`` is ``n_s``.
+        pruned: False for a plan built with ``prune=False`` (counts constant).
+    """
+
+    num_prompt_tokens: int
+    positions: tuple[np.ndarray, ...]
+    starts: np.ndarray
+    ends: np.ndarray
+    counts: np.ndarray
+    pruned: bool
+
+    @property
+    def num_items(self) -> int:
+        return len(self.starts)
+
+    @property
+    def num_stages(self) -> int:
+        """``S``, the number of drop stages; stages are numbered ``0 .. S``."""
+        return self.counts.shape[1] - 1
+
+    @property
+    def total_vision_rows(self) -> int:
+        """Candidate vision rows of the request (``sum n0``)."""
+        return int(self.counts[:, 0].sum())
+
+    @property
+    def drops_anything(self) -> bool:
+        return bool((self.counts[:, -1] < self.counts[:, 0]).any())
+
+    def dropped_per_item(self, stage: int) -> np.ndarray:
+        """Rows each item has lost by stage ``stage`` (``n0 - n_stage``), int64 ``[num_items]``."""
+        return self.counts[:, 0] - self.counts[:, stage]
+
+    def dropped_before(self, stage: int, prefix_len: int) -> int:
+        """Rows dropped by stage ``stage`` among the first ``prefix_len`` prompt positions.
+
+        Sums ``n0 - n_stage`` over the items with ``end <= prefix_len``. The
+        engine never splits an item across prefill chunks, so ``prefix_len``
+        never lies strictly inside an item; if it does, that item is not
+        counted (only whole items are).
+        """
+        return int(self.dropped_before_many(stage, np.asarray([prefix_len]))[0])
+
+    def dropped_before_many(self, stage: int, prefix_lens: np.ndarray) -> np.ndarray:
+        """Vectorised :meth:`dropped_before` over an array of prefix lengths (int64)."""
+        dropped = np.concatenate([[0], np.cumsum(self.dropped_per_item(stage))]).astype(np.int64)
+        return dropped[np.searchsorted(self.ends, np.asarray(prefix_lens), side="right")]
+
+    def compact_len(self, stage: int, prefix_len: int) -> int:
+        """Rows of the first ``prefix_len`` prompt positions present in stage ``stage``."""
+        return prefix_len - self.dropped_before(stage, prefix_len)
+
+    def compact_len_many(self, stage: int, prefix_lens: np.ndarray) -> np.ndarray:
+        """Vectorised :meth:`compact_len`."""
+        prefix_lens = np.asarray(prefix_lens, dtype=np.int64)
+        return prefix_lens - self.dropped_before_many(stage, prefix_lens)
+
+    def rows_per_layer(self, layers: Sequence[int], num_layers: int) -> list[int]:
+        """Vision rows of the whole request present at each layer ``0 .. num_layers-1``."""
+        self._check_layers(layers, num_layers)
+        per_stage = self.counts.sum(axis=0)
+        return [int(per_stage[s]) for s in stage_of_layer(layers, num_layers)]
+
+    def kv_rows_saved(self, layers: Sequence[int], num_layers: int) -> int:
+        """Prompt rows not written to the KV cache, summed over all layers."""
+        return sum(self.total_vision_rows - r for r in self.rows_per_layer(layers, num_layers))
+
+    def _check_layers(self, layers: Sequence[int], num_layers: int) -> None:
+        if len(layers) != self.num_stages:
+            raise ValueError(f"plan has {self.num_stages} stages but {len(layers)} layers were given")
+        check_schedule(layers, (0.0,) * len(layers), num_layers)
+
+
+def plan_request(
+    items: Sequence[Sequence[int] | np.ndarray],
+    num_prompt_tokens: int,
+    keep_ratios: Sequence[float],
+    min_keep: int = 1,
+    prune: bool = True,
+) -> RequestPlan:
+    """Plan one request.
+
+    Args:
+        items: per vision item, the sorted prompt positions of its rows (the
+            embedding rows of one image/video placeholder). Items must be
+            sorted and must not overlap.
+        num_prompt_tokens: the request's prompt length. Its last row
+            (``num_prompt_tokens - 1``) is never a candidate: it is removed
+            from its item, and an item left empty is left out of the plan.
+        keep_ratios: the schedule's ratios (one per stage).
+        min_keep: the fewest rows a stage keeps per item.
+        prune: False gives a plan that drops nothing (prompt logprobs
+            requested, modality not enabled: the caller decides).
+    """
+    last = num_prompt_tokens - 1
+    positions: list[np.ndarray] = []
+    prev_end = 0
+    for i, item in enumerate(items):
+        pos = np.asarray(item, dtype=np.int64).reshape(-1)
+        if pos.size and (np.any(np.diff(pos) <= 0) or pos[0] < 0 or pos[-1] > last):
+            raise ValueError(
+                f"vision item {i}: positions must be strictly increasing within "
+                f"[0, {last}] (num_prompt_tokens={num_prompt_tokens})"
+            )
+        if pos.size and pos[0] < prev_end:
+            raise ValueError(f"vision item {i} overlaps or precedes item {i - 1}: items must be sorted and disjoint")
+        if pos.size:
+            prev_end = int(pos[-1]) + 1
+        if pos.size and pos[-1] == last:
+            pos = pos[:-1]
+        if pos.size:
+            positions.append(pos)
+    num_stages = len(keep_ratios)
+    counts = np.empty((len(positions), num_stages + 1), dtype=np.int64)
+    for i, pos in enumerate(positions):
+        n0 = int(pos.size)
+        counts[i, 0] = n0
+        counts[i, 1:] = keep_counts(n0, keep_ratios, min_keep) if prune else (n0,) * num_stages
+    return RequestPlan(
+        num_prompt_tokens=num_prompt_tokens,
+        positions=tuple(positions),
+        starts=np.asarray([p[0] for p in positions], dtype=np.int64),
+        ends=np.asarray([p[-1] + 1 for p in positions], dtype=np.int64),
+        counts=counts,
+        pruned=prune,
+    )

@@ -1,0 +1,146 @@
+"""Adapter for vLLM's V1 model runner (``GPUModelRunner`` and its ``CPUModelRunner`` subclass).
+
+vLLM 0.32 uses it on CPU (no Triton) and on GPUs with ``VLLM_USE_V2_MODEL_RUNNER=0``.
+``install()`` wraps ``GPUModelRunner._model_forward`` once; the wrapper does
+nothing unless the loaded model carries a ``v2drop_runtime`` (a V2Drop model).
+Inside the forward context it reads the step off the runner, asks the runtime
+for the step's plan, and gives every layer of stage ``s`` its own attention
+metadata (compacted query offsets, sequence lengths, slot mapping) built by the
+attention backend's own metadata builder.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import numpy as np
+import torch
+
+from vllm_v2drop.runtime import BatchView, RequestView, V2DropRuntime, VisionItem
+from vllm_v2drop.stepplan import StepPlan
+
+
+def install() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner._model_forward
+    if getattr(original, "__v2drop__", False):
+        return
+
+    @functools.wraps(original)
+    def _model_forward(self, *args, **kwargs):
+        runtime: V2DropRuntime | None = getattr(self.get_model(), "v2drop_runtime", None)
+        if runtime is None:
+            return original(self, *args, **kwargs)
+        batch = read_batch(self)
+        step = runtime.plan_step(batch) if batch is not None else None
+        if step is not None:
+            install_stage_metadata(self, runtime, step)
+        with runtime.active(step, batch, self.device):
+            return original(self, *args, **kwargs)
+
+    _model_forward.__v2drop__ = True
+    GPUModelRunner._model_forward = _model_forward
+
+
+def _item_positions(mm_position) -> np.ndarray:
+    rows = np.arange(mm_position.offset, mm_position.offset + mm_position.length, dtype=np.int64)
+    if mm_position.is_embed is not None:
+        rows = rows[mm_position.is_embed.cpu().numpy().astype(bool)]
+    return rows
+
+
+def read_batch(runner) -> BatchView | None:
+    """The step the runner is about to run, or None for dummy/profile runs."""
+    from vllm.forward_context import get_forward_context
+
+    fc = get_forward_context()
+    batch = runner.input_batch
+    n = batch.num_reqs
+    if n == 0 or not isinstance(fc.attn_metadata, dict) or not fc.attn_metadata:
+        return None
+    query_start_loc = runner.query_start_loc.np[: n + 1]
+    requests = []
+    for req_id in batch.req_ids[:n]:
+        state = runner.requests[req_id]
+        features = sorted(state.mm_features, key=lambda f: f.mm_position.offset)
+        params = state.sampling_params
+        requests.append(
+            RequestView(
+                req_id=req_id,
+                num_prompt_tokens=state.num_prompt_tokens,
+                items=[VisionItem(f.modality, _item_positions(f.mm_position)) for f in features],
+                wants_prompt_logprobs=params is not None and params.prompt_logprobs is not None,
+            )
+        )
+    return BatchView(
+        requests=requests,
+        num_computed=batch.num_computed_tokens_cpu[:n].astype(np.int64),
+        num_scheduled=np.diff(query_start_loc).astype(np.int64),
+    )
+
+
+def _stage_groups(runner, runtime: V2DropRuntime, stage: int) -> list[tuple[int, object]]:
+    """Per stage, copies of the runner's attention groups restricted to the stage's layers.
+
+    Each copy has its own metadata builder, so builders that keep persistent
+    buffers (CUDA graphs) never overwrite the metadata of another stage.
+    """
+    cache = runner.__dict__.setdefault("_v2drop_stage_groups", {})
+    if stage not in cache:
+        names = set(runtime.stage_layer_names(stage))
+        groups = []
+        for gid, attn_groups in enumerate(runner.attn_groups):
+            for group in attn_groups:
+                mine = [n for n in group.layer_names if n in names]
+                if not mine:
+                    continue
+                g = copy.copy(group)
+                g.layer_names, g.metadata_builders = mine, []
+                g.create_metadata_builders(runner.vllm_config, runner.device, group.kernel_block_size)
+                groups.append((gid, g))
+        cache[stage] = groups
+    return cache[stage]
+
+
+def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> None:
+    """Give the layers of each stage s >= 1 metadata for the rows present at that stage."""
+    from vllm.forward_context import get_forward_context
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    fc = get_forward_context()
+    metadata, slot_mapping = dict(fc.attn_metadata), dict(fc.slot_mapping or {})
+    n = len(step.query_lens[0])
+    device = runner.device
+    batch = runner.input_batch
+    is_prefilling = torch.from_numpy(batch.num_computed_tokens_cpu[:n] < batch.num_prompt_tokens[:n])
+    for stage in range(1, step.num_stages + 1):
+        query_start_loc = step.query_start_loc(stage)
+        seq_lens = step.seq_lens[stage].astype(np.int32)
+        kv_pos = step.kv_positions(stage)
+        req_of_row = np.repeat(np.arange(n), step.query_lens[stage])
+        for gid, group in _stage_groups(runner, runtime, stage):
+            table = batch.block_table[gid]
+            bs = table.block_size
+            slots = table.block_table.np[req_of_row, kv_pos // bs].astype(np.int64) * bs + kv_pos % bs
+            slots_t = torch.from_numpy(slots).to(device, non_blocking=True)
+            cm = CommonAttentionMetadata(
+                query_start_loc=torch.from_numpy(query_start_loc).to(device, non_blocking=True),
+                query_start_loc_cpu=torch.from_numpy(query_start_loc),
+                seq_lens=torch.from_numpy(seq_lens).to(device, non_blocking=True),
+                seq_lens_cpu_upper_bound=torch.from_numpy(seq_lens),
+                num_reqs=n,
+                num_actual_tokens=int(query_start_loc[-1]),
+                max_query_len=int(step.query_lens[stage].max()),
+                max_seq_len=int(seq_lens.max()),
+                block_table_tensor=table.get_device_tensor(n),
+                slot_mapping=slots_t,
+                causal=True,
+                is_prefilling=is_prefilling,
+            )
+            built = group.build_metadata(cm)
+            for name in group.layer_names:
+                metadata[name] = built
+                slot_mapping[name] = slots_t
+    fc.attn_metadata, fc.slot_mapping = metadata, slot_mapping

@@ -1,0 +1,225 @@
+"""The worker-side V2Drop runtime: plans each step, then runs the decoder with drops.
+
+Runner-agnostic. A runner adapter (``vllm_v2drop.runner``) feeds it a
+:class:`BatchView` of the step and installs the per-stage attention metadata it
+asks for; the model's forward then calls :meth:`V2DropRuntime.forward` when the
+step drops rows, and vLLM's own (compiled) language model otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from vllm_v2drop.config import ResolvedSchedule
+from vllm_v2drop.plan import RequestPlan
+from vllm_v2drop.selection import kept_rows, segmented_topk_keep, stage_scores
+from vllm_v2drop.stepplan import StepPlan, plan_step
+
+logger = logging.getLogger("vllm.v2drop")
+
+
+@dataclass(frozen=True)
+class VisionItem:
+    modality: str
+    positions: np.ndarray  # prompt positions of the item's embedding rows
+
+
+@dataclass(frozen=True)
+class RequestView:
+    req_id: str
+    num_prompt_tokens: int
+    items: Sequence[VisionItem]
+    wants_prompt_logprobs: bool
+
+
+@dataclass(frozen=True)
+class BatchView:
+    """What the runtime needs to know of one engine step, read off the runner."""
+
+    requests: Sequence[RequestView]
+    num_computed: np.ndarray
+    num_scheduled: np.ndarray
+
+
+@dataclass
+class DropStep:
+    """Device-side inputs of a step that drops rows (sizes come from the host plan)."""
+
+    plan: StepPlan
+    segment: torch.Tensor
+    token_index: torch.Tensor
+    keep: list[torch.Tensor]  # per stage s>=1: rows to keep per segment
+    sizes: list[torch.Tensor]  # per stage s>=1: rows per segment before the stage
+    batch: BatchView | None = None
+    kept_log: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+class V2DropRuntime:
+    """Owns the schedule, the per-request plans, and the decoder loop with drops."""
+
+    def __init__(self, schedule: ResolvedSchedule, layer_names: Sequence[str]):
+        self.schedule = schedule
+        self.layer_names = list(layer_names)
+        self.stage_of_layer = np.searchsorted(np.asarray(schedule.layers), np.arange(len(layer_names)), side="right")
+        self._plans: dict[str, RequestPlan] = {}
+        self._pending_trace: dict[str, list] = {}
+        self._local = threading.local()
+
+    # ---- planning ------------------------------------------------------------------------------
+    def stage_layer_names(self, stage: int) -> list[str]:
+        return [n for n, s in zip(self.layer_names, self.stage_of_layer) if s == stage]
+
+    def request_plan(self, req: RequestView) -> RequestPlan:
+        plan = self._plans.get(req.req_id)
+        if plan is None:
+            items = [it.positions for it in req.items if it.modality in self.schedule.modalities]
+            prune = bool(self.schedule.layers) and not req.wants_prompt_logprobs
+            plan = self.schedule.plan(items, req.num_prompt_tokens, prune=prune)
+            self._plans[req.req_id] = plan
+        return plan
+
+    def plan_step(self, batch: BatchView) -> StepPlan | None:
+        """The step's plan, or None when V2Drop changes nothing in it."""
+        live = {r.req_id for r in batch.requests}
+        for stale in [k for k in self._plans if k not in live]:
+            del self._plans[stale]  # finished, aborted or preempted: rebuilt if it comes back
+        if not self.schedule.layers or not batch.requests:
+            return None
+        plans = [self.request_plan(r) for r in batch.requests]
+        step = plan_step(plans, batch.num_computed, batch.num_scheduled)
+        if not (step.drops or step.compacted):
+            return None
+        self._log_requests(batch, plans, step)
+        return step
+
+    # ---- the forward ---------------------------------------------------------------------------
+    @contextmanager
+    def active(self, step: StepPlan | None, batch: BatchView | None, device: torch.device) -> Iterator[None]:
+        """Make ``step`` the drop step seen by :meth:`current` during the model's forward."""
+        drop = None
+        if step is not None and step.drops:
+            as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)  # noqa: E731
+            counts = step.seg_counts
+            drop = DropStep(
+                plan=step,
+                segment=as_t(step.segment),
+                token_index=as_t(step.token_index),
+                keep=[as_t(counts[:, s]) for s in range(1, counts.shape[1])],
+                sizes=[as_t(counts[:, s - 1]) for s in range(1, counts.shape[1])],
+                batch=batch,
+            )
+        self._local.drop = drop
+        try:
+            yield
+        finally:
+            self._local.drop = None
+        if drop is not None and self.schedule.trace:
+            self._write_trace(drop)
+
+    def current(self, num_tokens: int) -> DropStep | None:
+        drop = getattr(self._local, "drop", None)
+        if drop is None or drop.segment.shape[0] != num_tokens:
+            return None
+        return drop
+
+    def forward(self, lm: torch.nn.Module, drop: DropStep, input_ids, positions, inputs_embeds) -> torch.Tensor:
+        """Run vLLM's decoder layers eagerly, cutting each item's vision rows at each stage.
+
+        ``lm`` is the VLM's inner ``LlamaModel`` / ``Qwen2Model``. The residual
+        stream entering layer ``l`` is ``hidden + residual`` (vLLM fuses the add
+        into the next norm). Rows keep their original positions (``positions[..., rows]``
+        also covers M-RoPE's 3 x T positions). Each stage's layers find their own
+        attention metadata and slot mapping in the forward context (installed by the
+        runner adapter). The output has every row of the step again (dropped rows are
+        zero) so that the sampler's indices stay valid.
+        """
+        sched = self.schedule
+        hidden = inputs_embeds if inputs_embeds is not None else lm.embed_input_ids(input_ids)
+        num_rows = hidden.shape[0]
+        residual = None
+        rows = torch.arange(num_rows, device=hidden.device)
+        segment, token_index = drop.segment, drop.token_index
+        stage_at = {layer: s + 1 for s, layer in enumerate(sched.layers)}
+        x_prev = None
+        for idx in range(lm.start_layer, lm.end_layer):
+            s = stage_at.get(idx)
+            if s is not None:
+                x_cur = hidden + residual
+                scores = stage_scores(sched.metric, x_cur, x_prev, seed=sched.seed, stage=s, token_index=token_index)
+                keep = segmented_topk_keep(scores, segment, drop.keep[s - 1], drop.sizes[s - 1])
+                idx_kept = kept_rows(keep, drop.plan.num_rows(s))
+                hidden, residual, rows = hidden[idx_kept], residual[idx_kept], rows[idx_kept]
+                positions = positions[..., idx_kept]
+                segment, token_index = segment[idx_kept], token_index[idx_kept]
+                if sched.trace:
+                    drop.kept_log.append((segment, token_index))
+            if idx + 1 in stage_at:
+                x_prev = hidden if residual is None else hidden + residual
+            hidden, residual = lm.layers[idx](positions, hidden, residual)
+        hidden, _ = lm.norm(hidden, residual)
+        out = hidden.new_zeros((num_rows, hidden.shape[-1]))
+        return out.index_copy_(0, rows, hidden)
+
+    # ---- observability -------------------------------------------------------------------------
+    def _log_requests(self, batch: BatchView, plans: Sequence[RequestPlan], step: StepPlan) -> None:
+        """One INFO line per request, in the step that runs its last vision item."""
+        sched = self.schedule
+        done = {}
+        for g, r in enumerate(step.seg_request):
+            done[int(r)] = max(done.get(int(r), -1), int(step.seg_item[g]))
+        for r, last_item in done.items():
+            plan = plans[r]
+            if last_item != plan.num_items - 1 or not plan.pruned:
+                continue
+            per_stage = " -> ".join(str(int(n)) for n in plan.counts.sum(axis=0))
+            per_layer = plan.rows_per_layer(sched.layers, sched.num_layers)
+            n0 = plan.total_vision_rows
+            retention = (sum(per_layer) / (len(per_layer) * n0)) if n0 else 1.0
+            logger.info(
+                "V2Drop request %s: %d vision rows in %d item(s); rows per stage %s (layers %s); "
+                "average retention %.1f%%; KV slots not written %d",
+                batch.requests[r].req_id, n0, plan.num_items, per_stage, list(sched.layers),
+                100 * retention, plan.kv_rows_saved(sched.layers, sched.num_layers),
+            )
+
+    def _write_trace(self, drop: DropStep) -> None:
+        """Append one JSON line per finished request: its items and the rows each stage kept.
+
+        Reads the kept rows back to the host (a sync): only when ``trace`` is set.
+        """
+        plan = drop.plan
+        logs = [(seg.cpu().numpy(), tok.cpu().numpy()) for seg, tok in drop.kept_log]
+        batch = drop.batch
+        for g in range(len(plan.seg_request)):
+            r, item = int(plan.seg_request[g]), int(plan.seg_item[g])
+            req = batch.requests[r]
+            rplan = self._plans.get(req.req_id)
+            if rplan is None:
+                continue
+            kept = [sorted(int(t) for t in tok[seg == g]) for seg, tok in logs]
+            pos = rplan.positions[item]
+            entry = {"modality": self._item_modality(req, pos), "first": int(pos[0]),
+                     "rows": int(len(pos)), "kept": kept}
+            self._pending_trace.setdefault(req.req_id, []).append((item, entry))
+            if item == rplan.num_items - 1:
+                items = [e for _, e in sorted(self._pending_trace.pop(req.req_id))]
+                os.makedirs(sched_dir := self.schedule.trace, exist_ok=True)
+                line = json.dumps({"request_id": req.req_id, "layers": list(self.schedule.layers), "items": items})
+                with open(os.path.join(sched_dir, f"v2drop-trace-{os.getpid()}.jsonl"), "a") as f:
+                    f.write(line + "\n")
+
+    @staticmethod
+    def _item_modality(req: RequestView, positions: np.ndarray) -> str:
+        for it in req.items:
+            if len(it.positions) and it.positions[0] <= positions[0] <= it.positions[-1]:
+                return it.modality
+        return "?"
