@@ -62,19 +62,15 @@ def test_unknown_metric_and_shape_mismatch():
 M = 0xFFFFFFFF
 
 
-def _fmix32(h: int) -> int:
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & M
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & M
-    return h ^ (h >> 16)
-
-
 def _reference_random(seed: int, stage: int, index: int) -> float:
     """Re-implemented from random_scores' docstring."""
-    base = _fmix32(_fmix32(seed & M) ^ (stage & M))
-    h = _fmix32(base ^ (index & M))
-    return (h >> 8) / 2**24
+    x = (seed * 0x9E3779B1 + stage * 0x85EBCA77 + index * 0xC2B2AE3D) & M
+    x ^= x >> 15
+    x = (x * 0x2C1B3C6D) & M
+    x ^= x >> 12
+    x = (x * 0x297A2D39) & M
+    x ^= x >> 15
+    return (x & 0xFFFFFF) / 2**24
 
 
 def test_random_scores_match_documented_formula():

@@ -20,9 +20,8 @@ import numpy as np
 import torch
 
 from vllm_v2drop.config import ResolvedSchedule
-from vllm_v2drop.plan import RequestPlan
 from vllm_v2drop.selection import kept_rows, segmented_topk_keep, stage_scores
-from vllm_v2drop.stepplan import StepPlan, plan_step
+from vllm_v2drop.plan import RequestPlan, StepPlan, plan_step, stage_of_layer
 
 logger = logging.getLogger("vllm.v2drop")
 
@@ -69,7 +68,7 @@ class V2DropRuntime:
     def __init__(self, schedule: ResolvedSchedule, layer_names: Sequence[str]):
         self.schedule = schedule
         self.layer_names = list(layer_names)
-        self.stage_of_layer = np.searchsorted(np.asarray(schedule.layers), np.arange(len(layer_names)), side="right")
+        self.stage_of_layer = stage_of_layer(schedule.layers, len(layer_names))
         self._plans: dict[str, RequestPlan] = {}
         self._pending_trace: dict[str, list] = {}
         self._local = threading.local()
@@ -96,7 +95,7 @@ class V2DropRuntime:
             return None
         plans = [self.request_plan(r) for r in batch.requests]
         step = plan_step(plans, batch.num_computed, batch.num_scheduled)
-        if not (step.drops or step.compacted):
+        if not (step.has_candidates or step.compacted):
             return None
         self._log_requests(batch, plans, step)
         return step
@@ -106,7 +105,7 @@ class V2DropRuntime:
     def active(self, step: StepPlan | None, batch: BatchView | None, device: torch.device) -> Iterator[None]:
         """Make ``step`` the drop step seen by :meth:`current` during the model's forward."""
         drop = None
-        if step is not None and step.drops:
+        if step is not None and step.has_candidates:
             as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)  # noqa: E731
             counts = step.seg_counts
             drop = DropStep(

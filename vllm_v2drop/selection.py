@@ -56,42 +56,22 @@ def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
     return (lo + (hi << 16)) & _MASK32
 
 
-def _fmix32(h: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3's 32-bit finaliser on int64 tensors holding values in ``[0, 2**32)``."""
-    h = h ^ (h >> 16)
-    h = _mul32(h, 0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = _mul32(h, 0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-def _fmix32_int(h: int) -> int:
-    """:func:`_fmix32` on a Python int (for the host-side part of the hash)."""
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & _MASK32
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & _MASK32
-    return h ^ (h >> 16)
-
-
 def random_scores(seed: int, stage: int, token_index: torch.Tensor) -> torch.Tensor:
     """Seeded pseudo-random scores in ``[0, 1)``, a pure function of each row's identity.
 
-    The formula (all values unsigned 32-bit, ``& M`` with ``M = 2**32 - 1``)::
+    The formula (all values unsigned 32-bit, ``M = 2**32 - 1``)::
 
-        fmix32(h) = h ^= h >> 16; h = (h * 0x85EBCA6B) & M;
-                    h ^= h >> 13; h = (h * 0xC2B2AE35) & M;
-                    h ^= h >> 16; return h
-        base      = fmix32(fmix32(seed & M) ^ (stage & M))
-        h         = fmix32(base ^ (token_index & M))
-        score     = float32((h >> 8) / 2**24)
+        x = (seed * 0x9E3779B1 + stage * 0x85EBCA77 + token_index * 0xC2B2AE3D) & M
+        x ^= x >> 15; x = (x * 0x2C1B3C6D) & M
+        x ^= x >> 12; x = (x * 0x297A2D39) & M
+        x ^= x >> 15
+        score = (x & 0xFFFFFF) / 2**24
 
-    ``fmix32`` is MurmurHash3's finaliser; ``& M`` on negative Python ints
-    takes them modulo ``2**32``. ``token_index`` is the row's ORIGINAL index
-    within its request (e.g. its prompt position), so the rows a request keeps
-    do not depend on what else is in the batch. On the device the products are
-    formed from 16-bit halves, so no int64 overflow occurs and CPU and CUDA
-    give bit-identical results; ``(h >> 8) / 2**24`` is exact in float32.
+    ``token_index`` is the row's ORIGINAL index within its request (its prompt
+    position), so the rows a request keeps do not depend on what else is in the
+    batch. On the device the products are formed from 16-bit halves, so no int64
+    overflow occurs and CPU and CUDA give bit-identical results; the division is
+    exact in float32.
 
     Args:
         seed: the config's seed.
@@ -101,9 +81,14 @@ def random_scores(seed: int, stage: int, token_index: torch.Tensor) -> torch.Ten
     Returns:
         ``[N]`` float32.
     """
-    base = _fmix32_int(_fmix32_int(seed & _MASK32) ^ (stage & _MASK32))
-    h = _fmix32((token_index.to(torch.int64) & _MASK32) ^ base)
-    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    base = (seed * 0x9E3779B1 + stage * 0x85EBCA77) & _MASK32
+    x = (_mul32(token_index.to(torch.int64) & _MASK32, 0xC2B2AE3D) + base) & _MASK32
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x2C1B3C6D)
+    x = x ^ (x >> 12)
+    x = _mul32(x, 0x297A2D39)
+    x = x ^ (x >> 15)
+    return (x & 0xFFFFFF).to(torch.float32) * (1.0 / (1 << 24))
 
 
 def stage_scores(

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from vllm_v2drop.runtime import BatchView, RequestView, V2DropRuntime, VisionItem
-from vllm_v2drop.stepplan import StepPlan
+from vllm_v2drop.plan import StepPlan
 
 
 def install() -> None:
