@@ -1,0 +1,212 @@
+"""V2Drop inside the real vLLM engine (CPU backend, tiny random models).
+
+Checked against two independent oracles: stock vLLM (every ratio 1.0, or metric
+``none``, must give its tokens exactly) and the plain-transformers reference of
+the spec (kept rows per item per stage, per-layer KV lengths, greedy tokens).
+One engine per (architecture, configuration), shared by the tests of a module.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import pytest
+from conftest import ARCHS, VIDEO_ARCHS, greedy, llm_engine, make_image, make_video, mm_request
+
+from vllm_v2drop.config import V2DropConfig
+from vllm_v2drop.reference import RefRequest, RefSchedule, V2DropReference
+from vllm_v2drop.tools.kv_probe import written_kv_rows, zero_kv_cache
+
+pytestmark = pytest.mark.slow
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # kv_probe runs in the worker
+
+HF_ARCH = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava-onevision": "LlavaOnevisionForConditionalGeneration",
+    "qwen2-vl": "Qwen2VLForConditionalGeneration",
+    "qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration",
+}
+TINY_DEPTH = 8
+IDENTITY = {"layers": [1, 4, 6], "keep_ratios": [1.0, 1.0, 1.0]}
+
+
+# --------------------------------------------------------------------------------- inputs
+
+
+def requests(arch: str, model_dir) -> dict[str, dict]:
+    """Named requests for ``arch``: one image, two images, a video where supported, text only."""
+    reqs = {
+        "image": mm_request(arch, model_dir, images=[make_image("wide", 1)]),
+        "two-images": mm_request(arch, model_dir, images=[make_image("small", 2), make_image("large", 3)],
+                                 text="Compare the two pictures."),
+        "text": mm_request(arch, model_dir, text="Tell me a long story about a lighthouse keeper."),
+    }
+    if arch in VIDEO_ARCHS:
+        reqs["video"] = mm_request(arch, model_dir, video=make_video(seed=4), text="What happens here?")
+    return reqs
+
+
+def mixed_batch(arch: str, model_dir) -> list[dict]:
+    """At least 8 requests of every kind: sizes, a video, two images, text only, long text around an image."""
+    long_text = " ".join(f"word{i}" for i in range(120))
+    batch = [
+        mm_request(arch, model_dir, images=[make_image("wide", 11)]),
+        mm_request(arch, model_dir, images=[make_image("large", 12)], text="What is in the corner?"),
+        mm_request(arch, model_dir, images=[make_image("small", 13), make_image("wide", 14)]),
+        mm_request(arch, model_dir, text="Only text here, no picture at all."),
+        mm_request(arch, model_dir, images=[make_image("small", 15)], text=long_text + " Now describe."),
+        mm_request(arch, model_dir, text=long_text),
+        mm_request(arch, model_dir, images=[make_image("large", 16)], text="Short."),
+        mm_request(arch, model_dir, images=[make_image("wide", 17)], text="Describe. " + long_text),
+    ]
+    if arch in VIDEO_ARCHS:
+        batch.append(mm_request(arch, model_dir, video=make_video(seed=18), text="Summarise the video."))
+    return batch
+
+
+def ref_request(req: dict) -> RefRequest:
+    mm = req.get("multi_modal_data", {})
+    images = mm.get("image", [])
+    images = images if isinstance(images, list) else [images]
+    video = mm.get("video")
+    if isinstance(video, tuple):  # (frames, metadata) for Qwen2.5-VL
+        video = video[0]
+    return RefRequest(req["prompt"], images=images, videos=[] if video is None else [video])
+
+
+def resolved(arch: str, config: dict):
+    return V2DropConfig.from_additional_config({"v2drop": config}).resolve(TINY_DEPTH, HF_ARCH[arch])
+
+
+def ref_schedule(arch: str, config: dict) -> RefSchedule:
+    s = resolved(arch, config)
+    return RefSchedule(list(s.layers), list(s.keep_ratios), s.min_keep, s.metric, s.seed)
+
+
+def generate_each(llm, reqs: list[dict], max_tokens: int) -> list:
+    """Each request alone (its own ``generate`` call)."""
+    return [llm.generate([r], greedy(max_tokens), use_tqdm=False)[0] for r in reqs]
+
+
+def tokens(outputs) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def read_trace(trace_dir) -> dict[str, dict]:
+    """Trace lines by the engine's request id prefix (vLLM appends a suffix to offline ids)."""
+    out = {}
+    for path in glob.glob(os.path.join(trace_dir, "*.jsonl")):
+        for line in open(path):
+            rec = json.loads(line)
+            out[rec["request_id"]] = rec
+    return out
+
+
+def trace_for(trace: dict, request_id: str) -> dict:
+    hits = [v for k, v in trace.items() if k == request_id or k.startswith(request_id + "-")]
+    assert len(hits) == 1, f"expected one trace line for request {request_id}, got {len(hits)}"
+    return hits[0]
+
+
+# ------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def model_dir(arch, tiny_models):
+    return tiny_models[arch]
+
+
+@pytest.fixture(scope="module")
+def stock_tokens(arch, model_dir):
+    """Stock vLLM (no plugin model) on the named requests, 32 greedy tokens."""
+    reqs = requests(arch, model_dir)
+    with llm_engine(model_dir) as llm:
+        return dict(zip(reqs, tokens(generate_each(llm, list(reqs.values()), 32))))
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    return V2DropReference(model_dir)
+
+
+@pytest.fixture(scope="module")
+def paper(arch, model_dir, tmp_path_factory):
+    """V2Drop with the architecture's default (paper) schedule scaled to the tiny depth, tracing on."""
+    trace = tmp_path_factory.mktemp(f"trace-{arch}")
+    config = {"trace": str(trace)}
+    with llm_engine(model_dir, model_impl="v2drop", additional_config={"v2drop": config}) as llm:
+        yield llm, trace, config
+
+
+# ---------------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("config", [IDENTITY, {"metric": "none"}], ids=["ratios-1.0", "metric-none"])
+def test_identity_with_stock_vllm(arch, model_dir, stock_tokens, config):
+    """Nothing dropped: token for token what stock vLLM generates (image, two images, video, text)."""
+    reqs = requests(arch, model_dir)
+    with llm_engine(model_dir, model_impl="v2drop", additional_config={"v2drop": config}) as llm:
+        assert type(llm.llm_engine.model_config.architecture) is str
+        assert llm.llm_engine.model_config.architecture.startswith("V2Drop")
+        got = dict(zip(reqs, tokens(generate_each(llm, list(reqs.values()), 32))))
+    assert got == stock_tokens
+
+
+def test_fidelity_with_reference(arch, model_dir, paper, reference):
+    """Kept rows per item per stage and 16 greedy tokens equal the transformers reference."""
+    llm, trace_dir, config = paper
+    schedule = ref_schedule(arch, config)
+    assert schedule.layers, "the default schedule must drop something on the tiny depth"
+    reqs = {k: v for k, v in requests(arch, model_dir).items() if k != "text"}
+    outs = generate_each(llm, list(reqs.values()), 16)
+    trace = read_trace(trace_dir)
+    for (name, req), out in zip(reqs.items(), outs):
+        ref = reference.generate([ref_request(req)], schedule, max_new_tokens=16)[0]
+        assert list(out.prompt_token_ids) == ref.prompt_token_ids, name
+        rec = trace_for(trace, out.request_id)
+        assert [(it["first"], it["rows"]) for it in rec["items"]] == ref.items, name
+        assert [it["kept"] for it in rec["items"]] == ref.kept, name
+        assert list(out.outputs[0].token_ids) == ref.token_ids, name
+
+
+def test_kv_cache_holds_planned_rows(arch, model_dir, paper, reference):
+    """After a prefill, layer l's KV cache holds exactly the prompt rows present at layer l."""
+    llm, _, config = paper
+    req = requests(arch, model_dir)["two-images"]
+    llm.collective_rpc(zero_kv_cache)
+    out = llm.generate([req], greedy(1), use_tqdm=False)[0]  # one token: only the prompt is written
+    rows = list(llm.collective_rpc(written_kv_rows)[0].values())
+    ref = reference.generate([ref_request(req)], ref_schedule(arch, config), max_new_tokens=1)[0]
+    assert rows == ref.kv_lengths
+    assert rows[0] == len(out.prompt_token_ids) and rows[-1] < rows[0]
+
+
+def test_batch_equals_alone(arch, model_dir, paper):
+    """A mixed batch gives every request exactly the tokens it gets alone."""
+    llm, _, _ = paper
+    batch = mixed_batch(arch, model_dir)
+    assert len(batch) >= 8
+    alone = tokens(generate_each(llm, batch, 24))
+    together = tokens(llm.generate(batch, greedy(24), use_tqdm=False))
+    assert together == alone
+
+
+def test_trace_format(arch, model_dir, paper):
+    llm, trace_dir, config = paper
+    out = llm.generate([requests(arch, model_dir)["two-images"]], greedy(2), use_tqdm=False)[0]
+    rec = trace_for(read_trace(trace_dir), out.request_id)
+    layers = list(resolved(arch, config).layers)
+    assert rec["layers"] == layers
+    assert [it["modality"] for it in rec["items"]] == ["image", "image"]
+    for it in rec["items"]:
+        assert len(it["kept"]) == len(layers)
+        rows = set(range(it["first"], it["first"] + it["rows"]))
+        for before, after in zip([sorted(rows)] + it["kept"], it["kept"]):
+            assert set(after) <= set(before) and after == sorted(after) and len(after) >= 1
