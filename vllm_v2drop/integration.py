@@ -117,6 +117,12 @@ class V2DropConfigHook:
         if not scheduler_config.disable_chunked_mm_input:
             scheduler_config.disable_chunked_mm_input = True
             forced.append("multimodal items never split across prefill chunks (disable_chunked_mm_input)")
+        if schedule.kv_mode == "per_stage" and schedule.layers:
+            from vllm_v2drop.kv import check_per_stage_supported, describe_layout
+
+            forced += check_per_stage_supported(vllm_config, schedule)  # raises where it cannot work
+            logger.info("%s", describe_layout(schedule))
+        forced += _force_runner_and_graphs(vllm_config)
         logger.info("%s", schedule.description)
         if forced:
             logger.info("V2Drop forces: %s", "; ".join(forced))
@@ -135,3 +141,32 @@ def resolve_schedule(vllm_config):
     model_config = vllm_config.model_config
     num_layers = model_config.hf_text_config.num_hidden_layers
     return config.resolve(num_layers, base_architecture(model_config.architecture))
+
+
+def _force_runner_and_graphs(vllm_config) -> list[str]:
+    """On GPUs: the V1 model runner (the adapter V2Drop ships) and piecewise CUDA graphs.
+
+    Full CUDA graphs capture attention with fixed metadata buffers, but V2Drop gives each
+    stage's layers their own metadata; piecewise graphs run attention eagerly between
+    the captured pieces, where the per-layer metadata is read.
+    """
+    import os
+
+    from vllm.config import CUDAGraphMode
+    from vllm.platforms import current_platform
+
+    forced = []
+    if vllm_config.use_v2_model_runner:
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # inherited by the engine processes
+        if vllm_config.use_v2_model_runner:
+            raise ValueError(
+                "V2Drop (--model-impl v2drop) runs on vLLM's V1 model runner, but this configuration "
+                "requires Model Runner V2. Set VLLM_USE_V2_MODEL_RUNNER=0 or drop the option that needs it."
+            )
+        forced.append("the V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
+    compilation = vllm_config.compilation_config
+    mode = compilation.cudagraph_mode
+    if current_platform.is_cuda_alike() and (mode is None or mode.has_full_cudagraphs()):
+        compilation.cudagraph_mode = CUDAGraphMode.PIECEWISE
+        forced.append("piecewise CUDA graphs (each stage's layers read their own attention metadata)")
+    return forced

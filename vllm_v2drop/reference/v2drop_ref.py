@@ -108,6 +108,9 @@ class RefRequest:
     prompt: str
     images: list[Any] = field(default_factory=list)  # PIL images
     videos: list[np.ndarray] = field(default_factory=list)  # (frames, H, W, 3) uint8
+    # Per video, transformers' VideoMetadata fields (fps, duration, total_num_frames,
+    # frames_indices) for unsampled frames; Qwen2.5-VL's temporal positions depend on fps.
+    video_metadata: list[dict] | None = None
 
 
 @dataclass
@@ -265,7 +268,12 @@ class V2DropReference:
             kwargs["images"] = list(req.images)
         if req.videos:
             kwargs["videos"] = list(req.videos)
+            kwargs.update(self._video_kwargs(req.video_metadata))
         return dict(self.processor(**kwargs))
+
+    @staticmethod
+    def _video_kwargs(metadata: list[dict] | None) -> dict[str, Any]:
+        return {} if metadata is None else {"video_metadata": list(metadata), "do_sample_frames": False}
 
     def _rows_of_one(self, kind: str, media) -> int:
         """Rows the processor gives ONE image / video on its own (bare placeholder)."""
@@ -273,7 +281,9 @@ class V2DropReference:
             out = self.processor(text=[self.processor.image_token], images=[media], return_tensors="pt")
             tok = self.image_token_id
         else:
-            out = self.processor(text=[self.processor.video_token], videos=[media], return_tensors="pt")
+            media, meta = media
+            out = self.processor(text=[self.processor.video_token], videos=[media], return_tensors="pt",
+                                 **self._video_kwargs(None if meta is None else [meta]))
             tok = self.video_token_id
         return int((out["input_ids"][0] == tok).sum())
 
@@ -281,7 +291,10 @@ class V2DropReference:
         """Per vision item, in prompt order: (first prompt position, number of rows)."""
         queues = {
             self.image_token_id: [self._rows_of_one("image", m) for m in req.images],
-            self.video_token_id: [self._rows_of_one("video", m) for m in req.videos],
+            self.video_token_id: [
+                self._rows_of_one("video", (m, None if req.video_metadata is None else req.video_metadata[i]))
+                for i, m in enumerate(req.videos)
+            ],
         }
         items: list[tuple[int, int]] = []
         for start, length in find_vision_runs(ids, self.vision_token_ids):

@@ -1,0 +1,96 @@
+"""How the plugin plugs into vLLM, checked at start-up (vLLM's real config path, no engine).
+
+``EngineArgs.create_engine_config`` is what ``vllm serve`` and ``LLM(...)`` run before
+any engine starts: architecture resolution, the config hook, the validation.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+
+from vllm_v2drop.integration import ARCHITECTURES
+
+
+def engine_config(model_dir, **kw):
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=str(model_dir), **kw).create_engine_config()
+
+
+def startup_error(model_dir, **kw) -> str:
+    with pytest.raises(Exception) as err:  # vLLM wraps hook errors in pydantic's ValidationError
+        engine_config(model_dir, **kw)
+    return str(err.value)
+
+
+def test_entry_point_is_registered():
+    eps = importlib.metadata.entry_points(group="vllm.general_plugins")
+    assert any(ep.value == "vllm_v2drop:register" for ep in eps)
+
+
+def test_register_is_idempotent_and_registers_every_variant():
+    from vllm.model_executor.models import ModelRegistry
+
+    import vllm_v2drop
+
+    vllm_v2drop.register()
+    vllm_v2drop.register()
+    assert set(ARCHITECTURES.values()) <= set(ModelRegistry.get_supported_archs())
+
+
+@pytest.mark.parametrize("arch", ["llava", "llava-onevision", "qwen2-vl", "qwen2.5-vl"])
+def test_model_impl_selects_the_v2drop_variant(arch, tiny_models):
+    stock = engine_config(tiny_models[arch])
+    v2 = engine_config(tiny_models[arch], model_impl="v2drop")
+    assert v2.model_config.architecture == ARCHITECTURES[stock.model_config.architecture]
+    # Without --model-impl v2drop nothing changes.
+    assert not stock.model_config.architecture.startswith("V2Drop")
+    assert stock.cache_config.enable_prefix_caching is True
+    assert stock.scheduler_config.disable_chunked_mm_input is False
+
+
+def test_forced_settings(tiny_models):
+    cfg = engine_config(tiny_models["qwen2-vl"], model_impl="v2drop", enable_prefix_caching=True)
+    assert cfg.cache_config.enable_prefix_caching is False
+    assert cfg.scheduler_config.disable_chunked_mm_input is True
+
+
+def test_hf_overrides_select_a_variant(tiny_models):
+    cfg = engine_config(
+        tiny_models["qwen2-vl"], hf_overrides={"architectures": ["V2DropQwen2VLForConditionalGeneration"]}
+    )
+    assert cfg.model_config.architecture == "V2DropQwen2VLForConditionalGeneration"
+    assert cfg.cache_config.enable_prefix_caching is False
+
+
+def test_unsupported_architecture_fails_with_the_supported_list(tiny_models):
+    msg = startup_error(tiny_models["qwen2-vl"], model_impl="v2drop",
+                        hf_overrides={"architectures": ["Qwen2ForCausalLM"]})
+    assert "--model-impl v2drop does not support architecture(s) ['Qwen2ForCausalLM']" in msg
+    for arch in ARCHITECTURES:
+        assert arch in msg
+
+
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        ({"layers": [1, 9], "keep_ratios": [0.5, 0.5]}, "layers: layer 9 does not exist in a model with 8 layers"),
+        ({"bogus": 1}, "bogus: unknown key (allowed keys: preset, layers"),
+        ({"keep_ratios": [1.5], "layers": [2]}, "keep_ratios"),
+        ({"preset": "nope"}, "preset"),
+    ],
+)
+def test_bad_config_fails_at_startup(tiny_models, config, expected):
+    msg = startup_error(tiny_models["qwen2-vl"], model_impl="v2drop", additional_config={"v2drop": config})
+    assert "Invalid V2Drop configuration (--additional-config" in msg
+    assert expected in msg
+
+
+def test_refuses_speculative_decoding(tiny_models):
+    msg = startup_error(
+        tiny_models["qwen2-vl"], model_impl="v2drop",
+        speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3},
+    )
+    assert "V2Drop (--model-impl v2drop) cannot run with: speculative decoding" in msg
