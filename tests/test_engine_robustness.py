@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 # Seven stages: a 56x56 image (4 rows on the tiny Qwen2-VL) has fewer rows than stages.
 MANY_STAGES = {"layers": [1, 2, 3, 4, 5, 6, 7], "keep_ratios": [0.5] * 7}
 BLOCK_BYTES = 128 * 8 * 2 * 2 * 32 * 4  # block of 128 tokens x 8 layers x (K, V) x 2 heads x 32 dims, fp32
-BATCH_BUDGET = 128
+BATCH_BUDGET = 256  # the tiny Qwen2-VL's largest image has 256 rows; items are never split
 
 
 def pressure_requests(arch, model_dir) -> list[dict]:
@@ -30,7 +30,7 @@ def pressure_requests(arch, model_dir) -> list[dict]:
         mm_request(arch, model_dir, images=[make_image("large", 22)], text=long_text + " What do you see?"),
         mm_request(arch, model_dir, images=[make_image("wide", 23)], text="Describe. " + long_text),
         mm_request(arch, model_dir, images=[make_image("small", 24), make_image("large", 25)]),
-        mm_request(arch, model_dir, video=make_video(seed=26), text="And the video?"),
+        mm_request(arch, model_dir, images=[make_image("small", 26)], text="And this one?"),
         mm_request(arch, model_dir, text=long_text),
         mm_request(arch, model_dir, images=[make_image("wide", 27)]),
         mm_request(arch, model_dir, images=[make_image("large", 28)], text="Again " + long_text),
@@ -43,16 +43,18 @@ def preemptions(llm) -> float:
 
 @pytest.fixture(scope="module")
 def pressured(tiny_models):
-    """Qwen2-VL, seven stages, a 6-block KV pool and a 128-token batch budget."""
+    """Qwen2-VL, seven stages, an 8-block KV pool and a 256-token batch budget (images only:
+    with items never split, the budget must hold the largest item the engine accepts)."""
     model_dir = tiny_models["qwen2-vl"]
     with llm_engine(
         model_dir,
         model_impl="v2drop",
         additional_config={"v2drop": MANY_STAGES},
-        kv_cache_memory_bytes=6 * BLOCK_BYTES,
-        max_model_len=640,
+        kv_cache_memory_bytes=8 * BLOCK_BYTES,
+        max_model_len=1024,
         max_num_batched_tokens=BATCH_BUDGET,
         max_num_seqs=8,
+        limit_mm_per_prompt={"image": 2, "video": 0},
         disable_log_stats=False,
     ) as llm:
         yield llm, model_dir
@@ -61,10 +63,10 @@ def pressured(tiny_models):
 def test_preemption_and_chunked_prefill(pressured):
     llm, model_dir = pressured
     reqs = pressure_requests("qwen2-vl", model_dir)
-    alone = generate_each(llm, reqs, 48)
+    alone = generate_each(llm, reqs, 160)
     assert max(len(o.prompt_token_ids) for o in alone) > BATCH_BUDGET  # long prompts are chunked
     before = preemptions(llm)
-    together = llm.generate(reqs, greedy(48), use_tqdm=False)
+    together = llm.generate(reqs, greedy(160), use_tqdm=False)  # ~31 blocks of demand on 8
     assert preemptions(llm) > before, "the pool was meant to force preemption"
     assert tokens(together) == tokens(alone)
 
