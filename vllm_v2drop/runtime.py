@@ -125,8 +125,9 @@ class V2DropRuntime:
             self._write_trace(drop)
 
     def current(self, num_tokens: int) -> DropStep | None:
+        """The drop step of the running forward (``num_tokens`` may include CUDA-graph padding)."""
         drop = getattr(self._local, "drop", None)
-        if drop is None or drop.segment.shape[0] != num_tokens:
+        if drop is None or drop.segment.shape[0] > num_tokens:
             return None
         return drop
 
@@ -139,11 +140,13 @@ class V2DropRuntime:
         also covers M-RoPE's 3 x T positions). Each stage's layers find their own
         attention metadata and slot mapping in the forward context (installed by the
         runner adapter). The output has every row of the step again (dropped rows are
-        zero) so that the sampler's indices stay valid.
+        zero) so that the sampler's indices stay valid; padding rows (CUDA graphs) are
+        not run.
         """
         sched = self.schedule
         hidden = inputs_embeds if inputs_embeds is not None else lm.embed_input_ids(input_ids)
-        num_rows = hidden.shape[0]
+        num_padded, num_rows = hidden.shape[0], drop.segment.shape[0]
+        hidden, positions = hidden[:num_rows], positions[..., :num_rows]
         residual = None
         rows = torch.arange(num_rows, device=hidden.device)
         segment, token_index = drop.segment, drop.token_index
@@ -165,7 +168,7 @@ class V2DropRuntime:
                 x_prev = hidden if residual is None else hidden + residual
             hidden, residual = lm.layers[idx](positions, hidden, residual)
         hidden, _ = lm.norm(hidden, residual)
-        out = hidden.new_zeros((num_rows, hidden.shape[-1]))
+        out = hidden.new_zeros((num_padded, hidden.shape[-1]))
         return out.index_copy_(0, rows, hidden)
 
     # ---- observability -------------------------------------------------------------------------
