@@ -26,7 +26,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# vLLM's CPU platform lets VLLM_CPU_KVCACHE_SPACE (GiB) override kv_cache_memory_bytes, so tests that
+# size the KV pool (LLM_DEFAULTS, preemption, KV memory) need it unset; `vllm serve` subprocesses get
+# their own small default from vllm_v2drop.tools.server.
+os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -62,6 +62,43 @@ class DropStep:
     kept_log: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
+def item_positions(mm_position) -> np.ndarray:
+    """Prompt positions of one placeholder's embedding rows (``is_embed`` rows only, when given)."""
+    rows = np.arange(mm_position.offset, mm_position.offset + mm_position.length, dtype=np.int64)
+    if mm_position.is_embed is not None:
+        is_embed = mm_position.is_embed
+        is_embed = is_embed.cpu().numpy() if hasattr(is_embed, "cpu") else np.asarray(is_embed)
+        rows = rows[is_embed.astype(bool)]
+    return rows
+
+
+def request_view(req_id: str, num_prompt_tokens: int, mm_features: Iterable | None, sampling_params) -> RequestView:
+    """The :class:`RequestView` of a request, from the fields the scheduler's ``Request``
+    and the runner's ``CachedRequestState`` both have."""
+    features = sorted(mm_features or (), key=lambda f: f.mm_position.offset)
+    return RequestView(
+        req_id=req_id,
+        num_prompt_tokens=int(num_prompt_tokens),
+        items=[VisionItem(f.modality, item_positions(f.mm_position)) for f in features],
+        wants_prompt_logprobs=sampling_params is not None
+        and getattr(sampling_params, "prompt_logprobs", None) is not None,
+    )
+
+
+def plan_for(schedule: ResolvedSchedule, req: RequestView) -> RequestPlan:
+    """A request's plan: its items of the enabled modalities; no pruning for prompt logprobs.
+
+    The one place that turns a request into a plan, for the worker (this runtime, from the
+    runner's ``CachedRequestState``) and the scheduler (``kv/manager.py``, from vLLM's
+    ``Request``) alike: both give :func:`request_view` the same ``mm_features``, prompt
+    length and sampling params, so KV blocks allocated per stage always match the rows
+    the worker writes.
+    """
+    items = [it.positions for it in req.items if it.modality in schedule.modalities]
+    prune = bool(schedule.layers) and not req.wants_prompt_logprobs
+    return schedule.plan(items, req.num_prompt_tokens, prune=prune)
+
+
 class V2DropRuntime:
     """Owns the schedule, the per-request plans, and the decoder loop with drops."""
 
@@ -80,10 +117,7 @@ class V2DropRuntime:
     def request_plan(self, req: RequestView) -> RequestPlan:
         plan = self._plans.get(req.req_id)
         if plan is None:
-            items = [it.positions for it in req.items if it.modality in self.schedule.modalities]
-            prune = bool(self.schedule.layers) and not req.wants_prompt_logprobs
-            plan = self.schedule.plan(items, req.num_prompt_tokens, prune=prune)
-            self._plans[req.req_id] = plan
+            plan = self._plans[req.req_id] = plan_for(self.schedule, req)
         return plan
 
     def plan_step(self, batch: BatchView) -> StepPlan | None:

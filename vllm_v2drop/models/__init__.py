@@ -8,7 +8,6 @@ dummy runs) call the parent's forward: vLLM's compiled language model.
 
 from __future__ import annotations
 
-import torch
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration
 from vllm.model_executor.models.llava_onevision import LlavaOnevisionForConditionalGeneration
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
@@ -28,6 +27,11 @@ class V2DropMixin:
         lm = self.language_model.model
         names = [layer.self_attn.attn.layer_name for layer in lm.layers[lm.start_layer : lm.end_layer]]
         self.v2drop_runtime = V2DropRuntime(resolve_schedule(vllm_config), names)
+        if self.v2drop_runtime.schedule.kv_mode == "per_stage" and self.v2drop_runtime.schedule.layers:
+            from vllm_v2drop.kv import install_stage_specs  # one KV-cache group per stage
+
+            attns = [layer.self_attn.attn for layer in lm.layers[lm.start_layer : lm.end_layer]]
+            install_stage_specs(attns, self.v2drop_runtime.stage_of_layer, self.v2drop_runtime.schedule)
         v1.install()
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
@@ -35,8 +39,7 @@ class V2DropMixin:
         drop = self.v2drop_runtime.current(num_tokens)
         if drop is None or intermediate_tensors is not None:
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
-        with torch.inference_mode():
-            return self.v2drop_runtime.forward(self.language_model.model, drop, input_ids, positions, inputs_embeds)
+        return self.v2drop_runtime.forward(self.language_model.model, drop, input_ids, positions, inputs_embeds)
 
 
 class V2DropLlavaForConditionalGeneration(V2DropMixin, LlavaForConditionalGeneration):

@@ -17,7 +17,7 @@ import functools
 import numpy as np
 import torch
 
-from vllm_v2drop.runtime import BatchView, RequestView, V2DropRuntime, VisionItem
+from vllm_v2drop.runtime import BatchView, V2DropRuntime, request_view
 from vllm_v2drop.plan import StepPlan
 
 
@@ -44,13 +44,6 @@ def install() -> None:
     GPUModelRunner._model_forward = _model_forward
 
 
-def _item_positions(mm_position) -> np.ndarray:
-    rows = np.arange(mm_position.offset, mm_position.offset + mm_position.length, dtype=np.int64)
-    if mm_position.is_embed is not None:
-        rows = rows[mm_position.is_embed.cpu().numpy().astype(bool)]
-    return rows
-
-
 def read_batch(runner) -> BatchView | None:
     """The step the runner is about to run, or None for dummy/profile runs."""
     from vllm.forward_context import get_forward_context
@@ -64,16 +57,7 @@ def read_batch(runner) -> BatchView | None:
     requests = []
     for req_id in batch.req_ids[:n]:
         state = runner.requests[req_id]
-        features = sorted(state.mm_features, key=lambda f: f.mm_position.offset)
-        params = state.sampling_params
-        requests.append(
-            RequestView(
-                req_id=req_id,
-                num_prompt_tokens=state.num_prompt_tokens,
-                items=[VisionItem(f.modality, _item_positions(f.mm_position)) for f in features],
-                wants_prompt_logprobs=params is not None and params.prompt_logprobs is not None,
-            )
-        )
+        requests.append(request_view(req_id, state.num_prompt_tokens, state.mm_features, state.sampling_params))
     return BatchView(
         requests=requests,
         num_computed=batch.num_computed_tokens_cpu[:n].astype(np.int64),
@@ -115,6 +99,11 @@ def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> No
     device = runner.device
     batch = runner.input_batch
     is_prefilling = torch.from_numpy(batch.num_computed_tokens_cpu[:n] < batch.num_prompt_tokens[:n])
+    padded_len = max((len(v) for v in slot_mapping.values()), default=0)
+    if step.has_candidates:  # the drop loop runs exactly the step's rows, without padding
+        for name in runtime.stage_layer_names(0):
+            if name in slot_mapping:
+                slot_mapping[name] = slot_mapping[name][: step.num_rows(0)]
     for stage in range(1, step.num_stages + 1):
         query_start_loc = step.query_start_loc(stage)
         seq_lens = step.seq_lens[stage].astype(np.int32)
@@ -124,6 +113,8 @@ def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> No
             table = batch.block_table[gid]
             bs = table.block_size
             slots = table.block_table.np[req_of_row, kv_pos // bs].astype(np.int64) * bs + kv_pos % bs
+            if not step.has_candidates:  # same rows as the runner's: keep its (CUDA-graph) padding
+                slots = np.pad(slots, (0, max(0, padded_len - len(slots))), constant_values=-1)
             slots_t = torch.from_numpy(slots).to(device, non_blocking=True)
             cm = CommonAttentionMetadata(
                 query_start_loc=torch.from_numpy(query_start_loc).to(device, non_blocking=True),
