@@ -222,7 +222,21 @@ def test_budget_presets_rederive(name, target):
     ratios, achieved = solve_keep_ratios(p.layers, p.ref_depth, target)
     assert ratios == p.keep_ratios
     assert abs(achieved - target) * 576 <= 1.0
-    assert p.source
+    assert p.source and p.target_retention == pytest.approx(target)
+
+
+@pytest.mark.parametrize("name", ["llava-1.5-128", "video-25", "video-15"])
+@pytest.mark.parametrize("depth", [8, 16, 40])
+def test_budget_presets_keep_their_budget_at_other_depths(name, depth):
+    """Scaled layers alone would change the average; the ratios are re-solved for the preset's budget."""
+    r = V2DropConfig(preset=name).resolve(depth, "Qwen2VLForConditionalGeneration")
+    assert abs(r.achieved_retention - PRESETS[name].target_retention) * 576 <= 1.0
+    assert f"scaled to {depth}, keep_ratios solved for target_retention" in r.description
+
+
+def test_paper_schedule_presets_keep_their_ratios_when_scaled():
+    r = V2DropConfig(preset="llava-1.5").resolve(8, "LlavaForConditionalGeneration")
+    assert (r.layers, r.keep_ratios) == ((1, 4, 6), (0.5, 0.5, 0.0))
 
 
 def test_all_presets_valid():

@@ -257,11 +257,14 @@ class V2DropConfig(BaseModel):
             source = f"preset {name!r}" + ("" if self.preset else f" (default for {architecture})")
             if p.ref_depth != num_layers:
                 source += f", written for {p.ref_depth} layers, scaled to {num_layers}"
-        if self.target_retention is not None and layers:
-            ratios, _ = solve_keep_ratios(
-                layers, num_layers, self.target_retention, self.reference_rows, self.min_keep
-            )
-            source += f", keep_ratios solved for target_retention {self.target_retention}"
+        target = self.target_retention
+        if target is None and self.layers is None and self.keep_ratios is None:
+            p = PRESETS[self.preset or default_preset_for(architecture)]
+            if p.target_retention is not None and p.ref_depth != num_layers:
+                target = p.target_retention  # a budget preset keeps its budget at any depth
+        if target is not None and layers:
+            ratios, _ = solve_keep_ratios(layers, num_layers, target, self.reference_rows, self.min_keep)
+            source += f", keep_ratios solved for target_retention {round(target, 4)}"
 
         if self.metric == "none":
             layers, ratios = (), ()

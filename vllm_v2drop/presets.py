@@ -37,6 +37,9 @@ class Preset:
     layers: tuple[int, ...]
     keep_ratios: tuple[float, ...]
     source: str
+    #: For budget presets, the average retention the name promises: on a model of
+    #: another depth the ratios are re-solved for it on the scaled layers.
+    target_retention: float | None = None
 
 
 _LLAVA_LAYERS = (3, 17, 22)
@@ -60,6 +63,7 @@ PRESETS: dict[str, Preset] = {
             (0.47, 0.47, 0.0),
             "The paper's 192-token budget for LLaVA-1.5 (33.3%): solve_keep_ratios(target=1/3) "
             "on the reference layers, 192.1 rows on average.",
+            1 / 3,
         ),
         Preset(
             "llava-1.5-128",
@@ -68,6 +72,7 @@ PRESETS: dict[str, Preset] = {
             (0.268, 0.268, 0.0),
             "The paper's 128-token budget for LLaVA-1.5 (22.2%): solve_keep_ratios(target=2/9) "
             "on the reference layers, 128.1 rows on average.",
+            2 / 9,
         ),
         Preset(
             "llava-1.5-64",
@@ -76,6 +81,7 @@ PRESETS: dict[str, Preset] = {
             (0.039, 0.039, 0.0),
             "The paper's 64-token budget for LLaVA-1.5 (11.1%): solve_keep_ratios(target=1/9) "
             "on the reference layers, 64.1 rows on average.",
+            1 / 9,
         ),
         Preset(
             "qwen2-vl",
@@ -91,6 +97,7 @@ PRESETS: dict[str, Preset] = {
             (0.274, 0.274, 0.0),
             "The paper's 25% video retention for LLaVA-OneVision-7B (Qwen2-7B LM, 28 layers): "
             "the qwen2-vl layers with ratios from solve_keep_ratios(target=0.25).",
+            0.25,
         ),
         Preset(
             "video-15",
@@ -99,6 +106,7 @@ PRESETS: dict[str, Preset] = {
             (0.09, 0.09, 0.0),
             "The paper's 15% video retention for LLaVA-OneVision-7B: the qwen2-vl layers "
             "with ratios from solve_keep_ratios(target=0.15).",
+            0.15,
         ),
     )
 }
