@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -42,11 +42,16 @@ class RequestView:
 
 @dataclass(frozen=True)
 class BatchView:
-    """What the runtime needs to know of one engine step, read off the runner."""
+    """What the runtime needs to know of one engine step, read off the runner.
 
-    requests: Sequence[RequestView]
+    ``describe(req_id)`` builds a request's :class:`RequestView`; the runtime calls it
+    once per request (its plan is cached), not on every step.
+    """
+
+    req_ids: Sequence[str]
     num_computed: np.ndarray
     num_scheduled: np.ndarray
+    describe: Callable[[str], RequestView]
 
 
 @dataclass
@@ -106,7 +111,7 @@ class V2DropRuntime:
         self.schedule = schedule
         self.layer_names = list(layer_names)
         self.stage_of_layer = stage_of_layer(schedule.layers, len(layer_names))
-        self._plans: dict[str, RequestPlan] = {}
+        self._requests: dict[str, tuple[RequestView, RequestPlan]] = {}
         self._pending_trace: dict[str, list] = {}
         self._local = threading.local()
 
@@ -114,20 +119,25 @@ class V2DropRuntime:
     def stage_layer_names(self, stage: int) -> list[str]:
         return [n for n, s in zip(self.layer_names, self.stage_of_layer) if s == stage]
 
-    def request_plan(self, req: RequestView) -> RequestPlan:
-        plan = self._plans.get(req.req_id)
-        if plan is None:
-            plan = self._plans[req.req_id] = plan_for(self.schedule, req)
-        return plan
+    def request(self, req_id: str, describe: Callable[[str], RequestView]) -> tuple[RequestView, RequestPlan]:
+        """A request's view and plan, built on first sight and cached while it runs."""
+        entry = self._requests.get(req_id)
+        if entry is None:
+            view = describe(req_id)
+            entry = self._requests[req_id] = (view, plan_for(self.schedule, view))
+        return entry
 
     def plan_step(self, batch: BatchView) -> StepPlan | None:
         """The step's plan, or None when V2Drop changes nothing in it."""
-        live = {r.req_id for r in batch.requests}
-        for stale in [k for k in self._plans if k not in live]:
-            del self._plans[stale]  # finished, aborted or preempted: rebuilt if it comes back
-        if not self.schedule.layers or not batch.requests:
+        if not self.schedule.layers or not batch.req_ids:
             return None
-        plans = [self.request_plan(r) for r in batch.requests]
+        live = set(batch.req_ids)
+        for stale in [k for k in self._requests if k not in live]:
+            del self._requests[stale]  # finished, aborted or preempted: rebuilt if it comes back
+            self._pending_trace.pop(stale, None)
+        plans = [self.request(r, batch.describe)[1] for r in batch.req_ids]
+        if not any(p.num_items for p in plans):  # text only: nothing to drop or compact
+            return None
         step = plan_step(plans, batch.num_computed, batch.num_scheduled)
         if not (step.has_candidates or step.compacted):
             return None
@@ -223,7 +233,7 @@ class V2DropRuntime:
             logger.info(
                 "V2Drop request %s: %d vision rows in %d item(s); rows per stage %s (layers %s); "
                 "average retention %.1f%%; KV slots not written %d",
-                batch.requests[r].req_id, n0, plan.num_items, per_stage, list(sched.layers),
+                batch.req_ids[r], n0, plan.num_items, per_stage, list(sched.layers),
                 100 * retention, plan.kv_rows_saved(sched.layers, sched.num_layers),
             )
 
@@ -237,10 +247,9 @@ class V2DropRuntime:
         batch = drop.batch
         for g in range(len(plan.seg_request)):
             r, item = int(plan.seg_request[g]), int(plan.seg_item[g])
-            req = batch.requests[r]
-            rplan = self._plans.get(req.req_id)
-            if rplan is None:
+            if batch.req_ids[r] not in self._requests:
                 continue
+            req, rplan = self._requests[batch.req_ids[r]]
             kept = [sorted(int(t) for t in tok[seg == g]) for seg, tok in logs]
             pos = rplan.positions[item]
             entry = {"modality": self._item_modality(req, pos), "first": int(pos[0]),

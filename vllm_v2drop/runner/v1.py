@@ -54,14 +54,16 @@ def read_batch(runner) -> BatchView | None:
     if n == 0 or not isinstance(fc.attn_metadata, dict) or not fc.attn_metadata:
         return None
     query_start_loc = runner.query_start_loc.np[: n + 1]
-    requests = []
-    for req_id in batch.req_ids[:n]:
+
+    def describe(req_id: str):
         state = runner.requests[req_id]
-        requests.append(request_view(req_id, state.num_prompt_tokens, state.mm_features, state.sampling_params))
+        return request_view(req_id, state.num_prompt_tokens, state.mm_features, state.sampling_params)
+
     return BatchView(
-        requests=requests,
+        req_ids=list(batch.req_ids[:n]),
         num_computed=batch.num_computed_tokens_cpu[:n].astype(np.int64),
         num_scheduled=np.diff(query_start_loc).astype(np.int64),
+        describe=describe,
     )
 
 
