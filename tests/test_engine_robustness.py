@@ -127,3 +127,23 @@ def test_other_metrics_match_reference(arch, metric, tiny_models, tmp_path):
     # Seeded: the same request keeps the same rows and gives the same tokens again.
     assert trace_for(trace, again[0].request_id)["items"] == trace_for(trace, first[0].request_id)["items"]
     assert tokens(again) == tokens(first[:1])
+
+
+def test_compiled_engine_matches_reference(tiny_models):
+    """With torch.compile on (vLLM's default), decode and text-only steps run vLLM's compiled model with
+    per-stage attention metadata, drop steps run the eager loop: tokens still equal the reference."""
+    from test_engine import requests, resolved
+    from vllm.config import CompilationMode
+
+    model_dir = tiny_models["qwen2-vl"]
+    reqs = requests("qwen2-vl", model_dir)
+    with llm_engine(model_dir, model_impl="v2drop", enforce_eager=False) as llm:
+        assert llm.llm_engine.vllm_config.compilation_config.mode != CompilationMode.NONE  # torch.compile
+        alone = tokens(generate_each(llm, list(reqs.values()), 16))
+        together = tokens(llm.generate(list(reqs.values()), greedy(16), use_tqdm=False))
+    reference = V2DropReference(model_dir)
+    schedule = ref_schedule("qwen2-vl", {})
+    assert resolved("qwen2-vl", {}).layers
+    expected = [reference.generate([ref_request(r)], schedule, 16)[0].token_ids for r in reqs.values()]
+    assert alone == expected
+    assert together == expected
