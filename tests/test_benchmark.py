@@ -71,7 +71,9 @@ def test_flop_model_agrees_with_logged_rows():
     line = ("INFO [runtime.py:186] V2Drop request chatcmpl-abc-123: 664 vision rows in 1 item(s); rows per stage "
             "664 -> 181 -> 49 -> 1 (layers [1, 5, 6]); average retention 27.1%; KV slots not written 3873")
     (st,) = parse_request_stats(line)
-    sched = V2DropConfig.from_additional_config({"v2drop": {}}).resolve(8, "LlavaOnevisionForConditionalGeneration")
+    # The logged run used video-25's 28-layer ratios (before budget presets re-solved them per depth).
+    config = {"preset": "video-25", "keep_ratios": [0.274, 0.274, 0.0]}
+    sched = V2DropConfig.from_additional_config({"v2drop": config}).resolve(8, "LlavaOnevisionForConditionalGeneration")
     assert sched.layers == st.layers
     rows = flops.rows_in_layers(flops.Request(677, (664,)), sched.layers, sched.keep_ratios, 8)
     assert [r - 13 for r in rows] == [664, 181, 181, 181, 181, 49, 1, 1]
