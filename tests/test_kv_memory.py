@@ -113,7 +113,7 @@ def _run(llm, requests: dict, pool_blocks: int, abort_after: dict | None = None)
 
 
 def _groups(llm) -> list[dict]:
-    from vllm_v2drop.kv.probe import kv_groups
+    from vllm_v2drop.tools.kv_probe import kv_groups
 
     return llm.collective_rpc(kv_groups)[0]
 
@@ -192,8 +192,7 @@ def _fidelity_workload(llm, model_dir) -> dict:
     """Tokens of a chunked-prefill batch, and each request's KV rows per layer while it runs."""
     from vllm import SamplingParams
 
-    from vllm_v2drop.kv.probe import request_kv_rows
-    from vllm_v2drop.tools.kv_probe import zero_kv_cache
+    from vllm_v2drop.tools.kv_probe import request_kv_rows, zero_kv_cache
 
     reqs = _mixed_requests(model_dir, long=True)
     outs = llm.generate(reqs, greedy(12))
