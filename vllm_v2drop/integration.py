@@ -38,6 +38,10 @@ def install() -> None:
         MODELS_CONFIG_MAP[v2_arch] = V2DropConfigHook
     _map_model_impl(ModelRegistry)
 
+    from vllm_v2drop import scheduling
+
+    scheduling.install()  # whole vision items per step (a no-op for other models)
+
 
 def _supported_message(architectures) -> str:
     return (

@@ -31,6 +31,7 @@ __all__ = [
     "check_schedule",
     "keep_counts",
     "plan_request",
+    "whole_item_limit",
     "plan_step",
     "StepPlan",
     "rows_per_layer",
@@ -337,6 +338,27 @@ def plan_request(
         counts=counts,
         pruned=prune,
     )
+
+
+def whole_item_limit(starts: Sequence[int], ends: Sequence[int], num_computed: int, num_new: int) -> int:
+    """The most of ``num_new`` tokens a request may compute from ``num_computed`` on without
+    ending inside a vision item: items are ``[starts[i], ends[i])``, sorted and disjoint.
+
+    V2Drop ranks an item's rows against each other, so every row of an item must be in one
+    step. When ``[num_computed, num_computed + num_new)`` would end inside an item that
+    starts at or after ``num_computed``, the step stops just before the item (possibly 0
+    tokens: the request waits for a step with room for the whole item). An item that began
+    before ``num_computed`` (already split) is left alone: :func:`plan_step` refuses it.
+    """
+    end = num_computed + num_new
+    i = int(np.searchsorted(np.asarray(ends, dtype=np.int64), end, side="right"))  # first item ending after `end`
+    if i < len(starts) and num_computed <= starts[i] < end:
+        return int(starts[i]) - num_computed
+    return num_new
+
+
+class SplitItemError(ValueError):
+    """A step computes part of a vision item: V2Drop plans whole items only."""
 
 
 # ---- one engine step: a packed batch of requests ------------------------------------------------

@@ -8,6 +8,7 @@ dummy runs) call the parent's forward: vLLM's compiled language model.
 
 from __future__ import annotations
 
+import torch
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration
 from vllm.model_executor.models.llava_onevision import LlavaOnevisionForConditionalGeneration
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
@@ -47,7 +48,11 @@ class V2DropLlavaForConditionalGeneration(V2DropMixin, LlavaForConditionalGenera
 
 
 class V2DropLlavaOnevisionForConditionalGeneration(V2DropMixin, LlavaOnevisionForConditionalGeneration):
-    pass
+    def _process_video_pixels(self, inputs):
+        # vLLM 0.32 bug: videos of different frame counts in one batch come back as [1, rows, dim]
+        # tensors and embed_multimodal asserts 2-D embeddings; give each video its [rows, dim].
+        videos = super()._process_video_pixels(inputs)
+        return videos if isinstance(videos, torch.Tensor) else [v.reshape(-1, v.shape[-1]) for v in videos]
 
 
 class V2DropQwen2VLForConditionalGeneration(V2DropMixin, Qwen2VLForConditionalGeneration):
