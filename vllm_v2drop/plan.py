@@ -20,13 +20,16 @@ Vocabulary
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 __all__ = [
     "RequestPlan",
+    "BatchPlanner",
+    "SplitItemError",
     "average_retention",
     "check_schedule",
     "keep_counts",
@@ -257,12 +260,36 @@ class RequestPlan:
 
     def dropped_before_many(self, stage: int, prefix_lens: np.ndarray) -> np.ndarray:
         """Vectorised :meth:`dropped_before` over an array of prefix lengths (int64)."""
-        dropped = np.concatenate([[0], np.cumsum(self.dropped_per_item(stage))]).astype(np.int64)
-        return dropped[np.searchsorted(self.ends, np.asarray(prefix_lens), side="right")]
+        return self._cum_dropped[stage][np.searchsorted(self.ends, np.asarray(prefix_lens), side="right")]
 
     def compact_len(self, stage: int, prefix_len: int) -> int:
-        """Rows of the first ``prefix_len`` prompt positions present in stage ``stage``."""
+        """Rows of the first ``prefix_len`` prompt positions present in stage ``stage``.
+
+        O(1) before the first item and after the last one (every decode step); a
+        binary search over the items in between.
+        """
+        first, last, dropped = self.summary
+        if prefix_len <= first:
+            return prefix_len
+        if prefix_len >= last:
+            return prefix_len - dropped[stage]
         return prefix_len - self.dropped_before(stage, prefix_len)
+
+    @cached_property
+    def summary(self) -> tuple[int, int, tuple[int, ...]]:
+        """``(first_start, last_end, dropped)``: where the items begin and end, and the rows
+        the whole request has lost by each stage ``0 .. S`` (Python ints, computed once)."""
+        if not self.num_items:
+            return (self.num_prompt_tokens + 1, 0, (0,) * (self.num_stages + 1))
+        dropped = tuple(int(d) for d in (self.counts[:, :1] - self.counts).sum(axis=0))
+        return (int(self.starts[0]), int(self.ends[-1]), dropped)
+
+    @cached_property
+    def _cum_dropped(self) -> np.ndarray:
+        """``[S+1, num_items+1]`` rows dropped by each stage among the first ``i`` items."""
+        cum = np.zeros((self.num_stages + 1, self.num_items + 1), dtype=np.int64)
+        np.cumsum((self.counts[:, :1] - self.counts).T, axis=1, out=cum[:, 1:])
+        return cum
 
     def compact_len_many(self, stage: int, prefix_lens: np.ndarray) -> np.ndarray:
         """Vectorised :meth:`compact_len`."""
@@ -442,6 +469,7 @@ def plan_step(plans: Sequence[RequestPlan], num_computed: np.ndarray, num_schedu
     seg_counts, seg_request, seg_item = [], [], []
 
     for r, plan in enumerate(plans):
+        _check_whole_items(plan, r, int(num_computed[r]), int(ends[r]))
         for s in range(num_stages + 1):
             st = min(s, plan.num_stages)
             kv_starts[s, r] = plan.compact_len(st, int(num_computed[r]))
@@ -466,3 +494,100 @@ def plan_step(plans: Sequence[RequestPlan], num_computed: np.ndarray, num_schedu
         seg_request=np.asarray(seg_request, dtype=np.int64),
         seg_item=np.asarray(seg_item, dtype=np.int64),
     )
+
+
+def _check_whole_items(plan: RequestPlan, r: int, start: int, end: int) -> None:
+    """Raise :class:`SplitItemError` when ``[start, end)`` holds part, but not all, of an item."""
+    split = (plan.starts < end) & (plan.ends > start) & ((plan.starts < start) | (plan.ends > end))
+    if split.any():
+        i = int(np.flatnonzero(split)[0])
+        raise SplitItemError(
+            f"batch row {r} computes prompt positions [{start}, {end}), which hold only part of vision "
+            f"item {i} (candidate rows [{plan.starts[i]}, {plan.ends[i]})): V2Drop ranks an item's rows "
+            "together, so a step must compute all of an item or none of it (vllm_v2drop.scheduling "
+            "makes vLLM's scheduler do so; this step came from elsewhere)"
+        )
+
+
+class BatchPlanner:
+    """Per-request planning rows aligned with the engine's batch, and a vectorised :func:`plan_step`.
+
+    Like vLLM's persistent ``InputBatch``, it keeps one row per running request in
+    arrays (where its items begin and end, the rows it has lost by each stage),
+    computed once per request from its :class:`RequestPlan`. :meth:`sync` realigns the
+    rows with the batch's request order, touching only rows whose request changed.
+    :meth:`plan` then gives exactly what :func:`plan_step` gives (tests check it on random
+    batches), with array work over the batch plus :func:`plan_step` on just the requests
+    that compute vision rows in this step (a pure decode step runs no Python loop).
+    """
+
+    def __init__(self, num_stages: int, plan_of: Callable[[str], RequestPlan]) -> None:
+        self.num_stages = num_stages
+        self.plan_of = plan_of
+        self.plans: dict[str, RequestPlan] = {}
+        self.ids = np.empty(0, dtype=object)
+        self.rows: list[RequestPlan | None] = []
+        self.first = np.zeros(0, dtype=np.int64)
+        self.last = np.zeros(0, dtype=np.int64)
+        self.dropped = np.zeros((0, num_stages + 1), dtype=np.int64)
+
+    def sync(self, req_ids: Sequence[str]) -> None:
+        """Align the rows with ``req_ids`` (the batch's order); plan requests seen for the first time."""
+        n = len(req_ids)
+        if n > len(self.ids):
+            grow = max(n, 2 * len(self.ids))
+            self.ids = np.concatenate([self.ids, np.full(grow - len(self.ids), None, dtype=object)])
+            self.rows += [None] * (grow - len(self.rows))
+            pad = grow - len(self.first)
+            self.first = np.concatenate([self.first, np.zeros(pad, np.int64)])
+            self.last = np.concatenate([self.last, np.zeros(pad, np.int64)])
+            self.dropped = np.concatenate([self.dropped, np.zeros((pad, self.num_stages + 1), np.int64)])
+        ids = np.empty(n, dtype=object)
+        ids[:] = req_ids
+        for i in np.flatnonzero(ids != self.ids[:n]).tolist():  # only rows whose request changed
+            rid = req_ids[i]
+            plan = self.plans.get(rid)
+            if plan is None:
+                plan = self.plans[rid] = self.plan_of(rid)
+            first, last, dropped = plan.summary
+            self.ids[i], self.rows[i], self.first[i], self.last[i] = rid, plan, first, last
+            self.dropped[i, : len(dropped)] = dropped
+            self.dropped[i, len(dropped):] = dropped[-1]
+        self.ids[n:] = None
+        if len(self.plans) > 2 * n + 64:  # forget finished requests, amortised
+            live = set(req_ids)
+            self.plans = {k: v for k, v in self.plans.items() if k in live}
+
+    def plan(self, num_computed: np.ndarray, num_scheduled: np.ndarray) -> StepPlan | None:
+        """:func:`plan_step` of the synced batch, or None when V2Drop changes nothing in the step."""
+        nc = np.asarray(num_computed, dtype=np.int64)
+        ns = np.asarray(num_scheduled, dtype=np.int64)
+        n, end = len(nc), nc + np.asarray(num_scheduled, dtype=np.int64)
+        first, last = self.first[:n], self.last[:n]
+        done = nc >= last  # every item computed before this step (text only: last = 0)
+        mid = ~done & (end > first)  # this step computes vision rows (or stops between items)
+        drop = np.where(done[:, None], self.dropped[:n], 0).T  # [S+1, n]
+        if not mid.any() and not drop.any():
+            return None
+        kv_starts, seq_lens = nc[None, :] - drop, end[None, :] - drop
+        row_start = np.concatenate([[0], np.cumsum(ns)])
+        token_index = np.arange(int(row_start[-1]), dtype=np.int64) - np.repeat(row_start[:-1] - nc, ns)
+        segment = np.full(len(token_index), -1, dtype=np.int64)
+        seg = (np.zeros((0, self.num_stages + 1), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+        if mid.any():
+            idx = np.flatnonzero(mid)
+            sub = plan_step([self.rows[i] for i in idx.tolist()], nc[idx], ns[idx])
+            kv_starts[:, idx], seq_lens[:, idx] = sub.kv_starts, sub.seq_lens
+            rows = np.concatenate([np.arange(row_start[i], row_start[i + 1]) for i in idx.tolist()])
+            segment[rows] = sub.segment
+            seg = (sub.seg_counts, idx[sub.seg_request], sub.seg_item)
+        return StepPlan(
+            query_lens=seq_lens - kv_starts,
+            seq_lens=seq_lens,
+            kv_starts=kv_starts,
+            segment=segment,
+            token_index=token_index,
+            seg_counts=seg[0],
+            seg_request=seg[1],
+            seg_item=seg[2],
+        )

@@ -21,7 +21,7 @@ import torch
 
 from vllm_v2drop.config import ResolvedSchedule
 from vllm_v2drop.selection import kept_rows, segmented_topk_keep, stage_scores
-from vllm_v2drop.plan import RequestPlan, StepPlan, plan_step, stage_of_layer
+from vllm_v2drop.plan import BatchPlanner, RequestPlan, StepPlan, stage_of_layer
 
 logger = logging.getLogger("vllm.v2drop")
 
@@ -111,7 +111,8 @@ class V2DropRuntime:
         self.schedule = schedule
         self.layer_names = list(layer_names)
         self.stage_of_layer = stage_of_layer(schedule.layers, len(layer_names))
-        self._requests: dict[str, tuple[RequestView, RequestPlan]] = {}
+        self.planner = BatchPlanner(len(schedule.layers), self._plan_of)
+        self._describe: Callable[[str], RequestView] | None = None
         self._pending_trace: dict[str, list] = {}
         self._local = threading.local()
 
@@ -119,29 +120,23 @@ class V2DropRuntime:
     def stage_layer_names(self, stage: int) -> list[str]:
         return [n for n, s in zip(self.layer_names, self.stage_of_layer) if s == stage]
 
-    def request(self, req_id: str, describe: Callable[[str], RequestView]) -> tuple[RequestView, RequestPlan]:
-        """A request's view and plan, built on first sight and cached while it runs."""
-        entry = self._requests.get(req_id)
-        if entry is None:
-            view = describe(req_id)
-            entry = self._requests[req_id] = (view, plan_for(self.schedule, view))
-        return entry
+    def _plan_of(self, req_id: str) -> RequestPlan:
+        return plan_for(self.schedule, self._describe(req_id))
 
     def plan_step(self, batch: BatchView) -> StepPlan | None:
-        """The step's plan, or None when V2Drop changes nothing in it."""
-        if not self.schedule.layers or not batch.req_ids:
+        """The step's plan, or None when V2Drop changes nothing in it.
+
+        Requests are planned once, when the planner first sees them in the batch; a step
+        costs array work over the batch plus exact planning of the requests that compute
+        vision rows in it (:class:`~vllm_v2drop.plan.BatchPlanner`).
+        """
+        if not self.schedule.layers or not len(batch.req_ids):
             return None
-        live = set(batch.req_ids)
-        for stale in [k for k in self._requests if k not in live]:
-            del self._requests[stale]  # finished, aborted or preempted: rebuilt if it comes back
-            self._pending_trace.pop(stale, None)
-        plans = [self.request(r, batch.describe)[1] for r in batch.req_ids]
-        if not any(p.num_items for p in plans):  # text only: nothing to drop or compact
-            return None
-        step = plan_step(plans, batch.num_computed, batch.num_scheduled)
-        if not (step.has_candidates or step.compacted):
-            return None
-        self._log_requests(batch, plans, step)
+        self._describe = batch.describe
+        self.planner.sync(batch.req_ids)
+        step = self.planner.plan(batch.num_computed, batch.num_scheduled)
+        if step is not None and step.has_candidates:
+            self._log_requests(batch, step)
         return step
 
     # ---- the forward ---------------------------------------------------------------------------
@@ -216,14 +211,14 @@ class V2DropRuntime:
         return out.index_copy_(0, rows, hidden)
 
     # ---- observability -------------------------------------------------------------------------
-    def _log_requests(self, batch: BatchView, plans: Sequence[RequestPlan], step: StepPlan) -> None:
+    def _log_requests(self, batch: BatchView, step: StepPlan) -> None:
         """One INFO line per request, in the step that runs its last vision item."""
         sched = self.schedule
         done = {}
-        for g, r in enumerate(step.seg_request):
-            done[int(r)] = max(done.get(int(r), -1), int(step.seg_item[g]))
+        for g, r in enumerate(step.seg_request.tolist()):
+            done[r] = max(done.get(r, -1), int(step.seg_item[g]))
         for r, last_item in done.items():
-            plan = plans[r]
+            plan = self.planner.rows[r]
             if last_item != plan.num_items - 1 or not plan.pruned:
                 continue
             per_stage = " -> ".join(str(int(n)) for n in plan.counts.sum(axis=0))
@@ -247,9 +242,7 @@ class V2DropRuntime:
         batch = drop.batch
         for g in range(len(plan.seg_request)):
             r, item = int(plan.seg_request[g]), int(plan.seg_item[g])
-            if batch.req_ids[r] not in self._requests:
-                continue
-            req, rplan = self._requests[batch.req_ids[r]]
+            req, rplan = batch.describe(batch.req_ids[r]), self.planner.rows[r]
             kept = [sorted(int(t) for t in tok[seg == g]) for seg, tok in logs]
             pos = rplan.positions[item]
             entry = {"modality": self._item_modality(req, pos), "first": int(pos[0]),

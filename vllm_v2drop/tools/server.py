@@ -74,14 +74,18 @@ def serve(
     model: str | Path,
     extra_args: Sequence[str] = (),
     port: int | None = None,
-    env: Mapping[str, str] | None = None,
+    env: Mapping[str, str | None] | None = None,
     startup_timeout: float = 300.0,
     log_path: str | Path | None = None,
 ) -> Iterator[str]:
-    """Run ``vllm serve MODEL EXTRA_ARGS`` on 127.0.0.1; yield its base URL (no ``/v1``)."""
+    """Run ``vllm serve MODEL EXTRA_ARGS`` on 127.0.0.1; yield its base URL (no ``/v1``).
+
+    ``env`` adds to (and wins over) the defaults and the caller's environment; a ``None`` value
+    removes that variable (e.g. ``{"VLLM_CPU_KVCACHE_SPACE": None}``, so ``--kv-cache-memory-bytes`` counts).
+    """
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
-    full_env = {**DEFAULT_ENV, **os.environ, **(env or {})}
+    full_env = {k: v for k, v in {**DEFAULT_ENV, **os.environ, **(env or {})}.items() if v is not None}
     vllm_bin = Path(sys.executable).with_name("vllm")
     cmd = [str(vllm_bin) if vllm_bin.exists() else "vllm", "serve", str(model),
            "--host", "127.0.0.1", "--port", str(port), *extra_args]
