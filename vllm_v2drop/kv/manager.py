@@ -74,6 +74,7 @@ class V2DropStageManager(FullAttentionManager):
     def _compact(self, request_id: str, num_tokens: int) -> int:
         return self.plans.compact_len(request_id, self.stage, num_tokens)
 
+    # The two calls of every scheduled request and group per step: O(1) for a request past its items.
     def get_num_blocks_to_allocate(
         self,
         request_id: str,
@@ -85,21 +86,29 @@ class V2DropStageManager(FullAttentionManager):
         apply_admission_cap: bool = False,
         prefill_end: int = 0,
     ) -> int:
-        c = functools.partial(self._compact, request_id)
+        plan = self.plans.plans.get(request_id)
+        if plan is not None:
+            c = plan.compact_len
+            s = self.stage
+            num_tokens, total_computed_tokens = c(s, num_tokens), c(s, total_computed_tokens)
+            num_local_computed_tokens, num_tokens_main_model = c(s, num_local_computed_tokens), c(s, num_tokens_main_model)
         return super().get_num_blocks_to_allocate(
             request_id,
-            c(num_tokens),
+            num_tokens,
             new_computed_blocks,
-            c(total_computed_tokens),
-            c(num_local_computed_tokens),
-            c(num_tokens_main_model),
+            total_computed_tokens,
+            num_local_computed_tokens,
+            num_tokens_main_model,
             apply_admission_cap=apply_admission_cap,
             prefill_end=prefill_end,
         )
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int):
-        c = functools.partial(self._compact, request_id)
-        return super().allocate_new_blocks(request_id, c(num_tokens), c(num_tokens_main_model))
+        plan = self.plans.plans.get(request_id)
+        if plan is not None:
+            num_tokens = plan.compact_len(self.stage, num_tokens)
+            num_tokens_main_model = plan.compact_len(self.stage, num_tokens_main_model)
+        return super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
 
     def allocate_external_computed_blocks(
         self,

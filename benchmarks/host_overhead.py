@@ -1,0 +1,217 @@
+"""Per-step host cost of V2Drop at 1 .. 1024 running requests, beside stock vLLM's own.
+
+    python benchmarks/host_overhead.py [--arch llava-onevision] [--counts 1,16,64,256,1024]
+
+Runs the real engine in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the ``uni``
+executor) three ways: stock vLLM, V2Drop ``kv_mode: shared`` and ``kv_mode: per_stage``.
+For each count N it admits N one-image requests, waits until all N are decoding, and then
+times ``--steps`` pure decode steps with wrappers around:
+
+* worker, V2Drop: ``V2DropRuntime.plan_step`` (planning) and ``runner.v1.install_stage_metadata``
+  (per-stage attention metadata and slot mappings), together ``v2drop_worker_ms``;
+* scheduler, V2Drop (per_stage): the V2Drop KV managers' compact counts and request registration
+  (``StagePlans``), ``v2drop_sched_ms``; and the whole ``Scheduler.schedule()``, ``schedule_ms``,
+  whose difference to stock also holds vLLM's own work for the extra KV-cache groups;
+* stock host work of the same step: ``GPUModelRunner._prepare_inputs`` + ``_build_attention_metadata``
+  (``stock_worker_ms``) and ``Scheduler.schedule()`` (``schedule_ms`` of the stock run).
+
+Means per decode step in milliseconds; JSON and a PNG go to ``--out`` (``benchmarks/results``).
+CPU numbers: compare them with each other, not with a GPU's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core and worker in this process: timers see both
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+
+REPO = Path(__file__).resolve().parents[1]
+OVERHEAD = [0.0]
+TIMES: dict[str, float] = defaultdict(float)
+CALLS: dict[str, int] = defaultdict(int)
+
+
+def timed(owner, name: str, key: str) -> None:
+    """Wrap ``owner.name`` so that its wall time adds up in ``TIMES[key]`` (nested calls count once)."""
+    original = getattr(owner, name)
+    if getattr(original, "__timed__", None) == key:
+        return
+    depth = [0]
+
+    def wrapper(*args, **kwargs):
+        depth[0] += 1
+        t = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            depth[0] -= 1
+            if depth[0] == 0:
+                TIMES[key] += time.perf_counter() - t
+                CALLS[key] += 1
+
+    wrapper.__timed__ = key
+    setattr(owner, name, wrapper)
+
+
+def install_timers() -> None:
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_v2drop.kv.manager import StagePlans, V2DropStageManager
+    from vllm_v2drop.runner import v1
+    from vllm_v2drop.runtime import V2DropRuntime
+
+    timed(Scheduler, "schedule", "schedule_ms")
+    timed(GPUModelRunner, "_prepare_inputs", "stock_worker_ms")
+    timed(GPUModelRunner, "_build_attention_metadata", "stock_worker_ms")
+    timed(V2DropRuntime, "plan_step", "v2drop_plan_ms")
+    timed(v1, "install_stage_metadata", "v2drop_metadata_ms")
+    timed(StagePlans, "register", "v2drop_register_ms")
+    # V2Drop's managers wrap vLLM's FullAttentionManager: their own cost is the time in the override
+    # minus the time in the base method it calls (less the inner timer's own overhead, calibrated).
+    for name in ("get_num_blocks_to_allocate", "allocate_new_blocks"):
+        timed(V2DropStageManager, name, "mgr_total")
+        timed(FullAttentionManager, name, "mgr_base")
+
+
+def timer_overhead() -> float:
+    """Seconds one ``timed`` wrapper adds to a call."""
+    class Probe:
+        def f(self):
+            return None
+
+    probe, n = Probe(), 200_000
+    t = time.perf_counter()
+    for _ in range(n):
+        probe.f()
+    bare = time.perf_counter() - t
+    timed(Probe, "f", "_probe")
+    t = time.perf_counter()
+    for _ in range(n):
+        probe.f()
+    return max(0.0, (time.perf_counter() - t - bare) / n)
+
+
+def run_mode(model: str, arch: str, mode: str, counts: list[int], steps: int) -> list[dict]:
+    from conftest import make_image, mm_request
+    from vllm import LLM, SamplingParams
+
+    kw = {} if mode == "stock" else {"model_impl": "v2drop", "additional_config": {"v2drop": {"kv_mode": mode}}}
+    top = max(counts)
+    llm = LLM(model, dtype="float32", enforce_eager=True, seed=0, max_model_len=1024, max_num_seqs=top,
+              max_num_batched_tokens=8192, kv_cache_memory_bytes=top * 320 * 4096 + (256 << 20),
+              limit_mm_per_prompt={"image": 1, "video": 0}, distributed_executor_backend="uni",
+              disable_log_stats=True, **kw)
+    install_timers()
+    engine = llm.llm_engine
+    rows = []
+    for n in counts:
+        params = SamplingParams(temperature=0.0, max_tokens=800, ignore_eos=True)  # none finishes while timed
+        ids = [f"{mode}-{n}-{i}" for i in range(n)]
+        for i, rid in enumerate(ids):
+            engine.add_request(rid, mm_request(arch, model, images=[make_image("small", i)], text=f"Q{i}?"), params)
+        started = set()
+        while len(started) < n:  # prefill everything; every request has its first token
+            for out in engine.step():
+                if out.outputs and out.outputs[0].token_ids:
+                    started.add(out.request_id)
+        engine.step()  # one more so that no step below holds a prefill
+        TIMES.clear()
+        CALLS.clear()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        wall = time.perf_counter() - t0
+        running = engine.engine_core.engine_core.scheduler.get_num_unfinished_requests()
+        assert running == n, f"{running} requests in the engine, expected {n}"
+        row = {"mode": mode, "running": n, "steps": steps, "step_ms": 1e3 * wall / steps}
+        row.update({k: 1e3 * v / steps for k, v in TIMES.items() if not k.startswith(("mgr_", "_"))})
+        if "v2drop_plan_ms" in row:
+            row["v2drop_worker_ms"] = row["v2drop_plan_ms"] + row.get("v2drop_metadata_ms", 0.0)
+        if CALLS["mgr_total"]:
+            own = TIMES["mgr_total"] - TIMES["mgr_base"] - CALLS["mgr_base"] * OVERHEAD[0]
+            row["v2drop_sched_ms"] = 1e3 * (own + TIMES.get("v2drop_register_ms", 0.0)) / steps
+            row["kv_manager_calls_per_step"] = CALLS["mgr_total"] / steps
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        engine.abort_request(ids)
+        while engine.has_unfinished_requests():
+            engine.step()
+    engine.engine_core.shutdown()
+    del llm
+    return rows
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    by = defaultdict(list)
+    for r in result["rows"]:
+        by[r["mode"]].append(r)
+    for mode, rows in by.items():
+        xs = [r["running"] for r in rows]
+        if mode == "stock":
+            ax.plot(xs, [r.get("stock_worker_ms", 0) for r in rows], "k--", label="stock worker host (prepare inputs + metadata)")
+            ax.plot(xs, [r.get("schedule_ms", 0) for r in rows], "k:", label="stock Scheduler.schedule()")
+            continue
+        ax.plot(xs, [r.get("v2drop_worker_ms", 0) for r in rows], "o-", label=f"V2Drop worker ({mode})")
+        if mode == "per_stage":
+            ax.plot(xs, [r.get("v2drop_sched_ms", 0) for r in rows], "s-", label="V2Drop scheduler (per_stage)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("running requests (pure decode step)")
+    ax.set_ylabel("host ms per step")
+    ax.set_title(f"Host cost per decode step ({result['arch']}, CPU)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", default="llava-onevision")
+    ap.add_argument("--model", help="model directory (default: the tiny model of --arch, built if missing)")
+    ap.add_argument("--counts", default="1,16,64,256,1024")
+    ap.add_argument("--modes", default="stock,shared,per_stage")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import ensure_model
+
+    model = args.model or str(ensure_model(args.arch))
+    OVERHEAD[0] = timer_overhead()
+    counts = [int(c) for c in args.counts.split(",")]
+    rows = []
+    for mode in args.modes.split(","):
+        rows += run_mode(model, args.arch, mode, counts, args.steps)
+    result = {"arch": args.arch, "model": model, "machine": platform.processor() or platform.machine(),
+              "cpus": os.cpu_count(), "steps": args.steps, "rows": rows,
+              "command": "python benchmarks/host_overhead.py " + " ".join(argv or sys.argv[1:])}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"cpu-host-overhead-{args.arch}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    plot(result, stem.with_suffix(".png"))
+    print(f"wrote {stem}.json and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
