@@ -144,8 +144,11 @@ class Soak:
         import openai
 
         self.url, self.model, self.args = url, model, args
-        self.client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0, timeout=args.timeout)
-        self.http = httpx.AsyncClient(timeout=args.timeout)
+        # No keep-alive: a pooled connection the server closes as it is reused would look like a server fault.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+        self.client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0, timeout=args.timeout,
+                                         http_client=openai.DefaultAsyncHttpxClient(limits=limits))
+        self.http = httpx.AsyncClient(timeout=args.timeout, limits=limits)
         self.c = contents()
         self.bad = malformed_bodies(model, self.c)
         self.refs: dict[tuple, list] = {}
@@ -237,7 +240,10 @@ class Soak:
         body = self.bad[which]
         kw = {"json": body} if isinstance(body, dict) else {"content": body,
                                                               "headers": {"content-type": "application/json"}}
-        r = await self.http.post(f"{self.url}/v1/chat/completions", **kw)
+        try:
+            r = await self.http.post(f"{self.url}/v1/chat/completions", **kw)
+        except Exception as e:  # noqa: BLE001  (no answer)
+            return record("malformed", "error", detail=f"{which}: {type(e).__name__} {e}")
         return record("malformed", r.status_code, detail=f"{which}: {r.text[:200]}")
 
     def request(self, cat: str, rng: random.Random):
@@ -263,7 +269,8 @@ class Soak:
         except openai.APIStatusError as e:
             return record(cat, e.status_code, detail=str(e)[:300])
         except Exception as e:  # noqa: BLE001  (no answer: connection refused or reset)
-            return record(cat, "error", detail=f"{type(e).__name__}: {e}"[:300])
+            cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ else ""
+            return record(cat, "error", detail=f"{type(e).__name__}: {e}{cause}"[:300])
 
     async def job(self, cat: str, rng: random.Random, sem: asyncio.Semaphore) -> list[dict]:
         """One job under the concurrency limit; a burst is three requests sent at once."""
@@ -443,6 +450,7 @@ def run_soak(argv: list[str] | None = None) -> dict:
                 return await soak.run(args.num_requests)
             finally:
                 await soak.http.aclose()
+                await soak.client.close()
 
         out = asyncio.run(go())
         try:
