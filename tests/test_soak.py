@@ -7,7 +7,7 @@ text, 4- and 8-frame videos, streaming, logprobs, prompt logprobs, stop strings,
 server is alive, no 5xx, every malformed request got a 4xx, no valid request failed, every greedy
 answer equals the same request sent alone, no request hung, running / waiting / KV usage back to 0,
 no traceback through ``vllm_v2drop`` in the server log, and the pool did force preemptions.
-About 40-55 s per parametrisation on the 2-core CI machine (most of it the server's start-up).
+About 45-65 s per parametrisation on the 2-core CI machine (half of it the server's start-up).
 """
 
 from __future__ import annotations
