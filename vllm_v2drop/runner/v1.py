@@ -91,13 +91,19 @@ def _stage_groups(runner, runtime: V2DropRuntime, stage: int) -> list[tuple[int,
 
 
 def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> None:
-    """Give the layers of each stage s >= 1 metadata for the rows present at that stage."""
+    """Give the layers of each stage s >= 1 metadata for the rows present at that stage.
+
+    Per stage, the host arrays (query offsets, sequence lengths, compact KV positions) are
+    computed once for all its KV-cache groups; a stage whose view equals the stage before it
+    (no request lost rows there) reuses that stage's metadata for the same group. A pure
+    decode step needs no repeat: every request has one row, at ``seq_len - 1``.
+    """
     from vllm.forward_context import get_forward_context
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
     fc = get_forward_context()
     metadata, slot_mapping = dict(fc.attn_metadata), dict(fc.slot_mapping or {})
-    n = len(step.query_lens[0])
+    n = step.query_lens.shape[1]
     device = runner.device
     batch = runner.input_batch
     is_prefilling = torch.from_numpy(batch.num_computed_tokens_cpu[:n] < batch.num_prompt_tokens[:n])
@@ -106,34 +112,54 @@ def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> No
         for name in runtime.stage_layer_names(0):
             if name in slot_mapping:
                 slot_mapping[name] = slot_mapping[name][: step.num_rows(0)]
+    decode = not step.has_candidates and bool((step.query_lens[0] == 1).all())
+    previous: dict[int, tuple] = {}
     for stage in range(1, step.num_stages + 1):
-        query_start_loc = step.query_start_loc(stage)
+        groups = _stage_groups(runner, runtime, stage)
+        same_view = (np.array_equal(step.seq_lens[stage], step.seq_lens[stage - 1])
+                     and np.array_equal(step.query_lens[stage], step.query_lens[stage - 1]))
+        if same_view and all(gid in previous for gid, _ in groups):
+            for gid, group in groups:
+                built, slots_t = previous[gid]
+                for name in group.layer_names:
+                    metadata[name], slot_mapping[name] = built, slots_t
+            continue
         seq_lens = step.seq_lens[stage].astype(np.int32)
-        kv_pos = step.kv_positions(stage)
-        req_of_row = np.repeat(np.arange(n), step.query_lens[stage])
-        for gid, group in _stage_groups(runner, runtime, stage):
+        if decode:
+            query_start_loc = np.arange(n + 1, dtype=np.int32)
+            kv_pos, req_of_row = step.seq_lens[stage] - 1, np.arange(n)
+        else:
+            query_start_loc = step.query_start_loc(stage)
+            kv_pos = step.kv_positions(stage)
+            req_of_row = np.repeat(np.arange(n), step.query_lens[stage])
+        num_rows = int(query_start_loc[-1])
+        qsl_cpu, seq_cpu = torch.from_numpy(query_start_loc), torch.from_numpy(seq_lens)
+        qsl_dev, seq_dev = qsl_cpu.to(device, non_blocking=True), seq_cpu.to(device, non_blocking=True)
+        max_query_len, max_seq_len = int(step.query_lens[stage].max()), int(seq_lens.max())
+        current = {}
+        for gid, group in groups:
             table = batch.block_table[gid]
             bs = table.block_size
-            slots = table.block_table.np[req_of_row, kv_pos // bs].astype(np.int64) * bs + kv_pos % bs
-            if not step.has_candidates:  # same rows as the runner's: keep its (CUDA-graph) padding
-                slots = np.pad(slots, (0, max(0, padded_len - len(slots))), constant_values=-1)
+            slots = np.full(max(num_rows, 0 if step.has_candidates else padded_len), -1, dtype=np.int64)
+            slots[:num_rows] = table.block_table.np[req_of_row, kv_pos // bs] * bs + kv_pos % bs
             slots_t = torch.from_numpy(slots).to(device, non_blocking=True)
             cm = CommonAttentionMetadata(
-                query_start_loc=torch.from_numpy(query_start_loc).to(device, non_blocking=True),
-                query_start_loc_cpu=torch.from_numpy(query_start_loc),
-                seq_lens=torch.from_numpy(seq_lens).to(device, non_blocking=True),
-                seq_lens_cpu_upper_bound=torch.from_numpy(seq_lens),
+                query_start_loc=qsl_dev,
+                query_start_loc_cpu=qsl_cpu,
+                seq_lens=seq_dev,
+                seq_lens_cpu_upper_bound=seq_cpu,
                 num_reqs=n,
-                num_actual_tokens=int(query_start_loc[-1]),
-                max_query_len=int(step.query_lens[stage].max()),
-                max_seq_len=int(seq_lens.max()),
+                num_actual_tokens=num_rows,
+                max_query_len=max_query_len,
+                max_seq_len=max_seq_len,
                 block_table_tensor=table.get_device_tensor(n),
                 slot_mapping=slots_t,
                 causal=True,
                 is_prefilling=is_prefilling,
             )
             built = group.build_metadata(cm)
+            current[gid] = (built, slots_t)
             for name in group.layer_names:
-                metadata[name] = built
-                slot_mapping[name] = slots_t
+                metadata[name], slot_mapping[name] = built, slots_t
+        previous = current
     fc.attn_metadata, fc.slot_mapping = metadata, slot_mapping
