@@ -110,14 +110,14 @@ def run_mode(model: str, arch: str, mode: str, counts: list[int], steps: int) ->
     kw = {} if mode == "stock" else {"model_impl": "v2drop", "additional_config": {"v2drop": {"kv_mode": mode}}}
     top = max(counts)
     llm = LLM(model, dtype="float32", enforce_eager=True, seed=0, max_model_len=1024, max_num_seqs=top,
-              max_num_batched_tokens=8192, kv_cache_memory_bytes=top * 320 * 4096 + (256 << 20),
+              max_num_batched_tokens=8192, kv_cache_memory_bytes=top * 480 * 4096 + (256 << 20),
               limit_mm_per_prompt={"image": 1, "video": 0}, distributed_executor_backend="uni",
               disable_log_stats=True, **kw)
     install_timers()
     engine = llm.llm_engine
     rows = []
     for n in counts:
-        params = SamplingParams(temperature=0.0, max_tokens=800, ignore_eos=True)  # none finishes while timed
+        params = SamplingParams(temperature=0.0, max_tokens=600, ignore_eos=True)  # none finishes while timed
         ids = [f"{mode}-{n}-{i}" for i in range(n)]
         for i, rid in enumerate(ids):
             engine.add_request(rid, mm_request(arch, model, images=[make_image("small", i)], text=f"Q{i}?"), params)
