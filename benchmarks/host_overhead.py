@@ -103,14 +103,16 @@ def timer_overhead() -> float:
     return max(0.0, (time.perf_counter() - t - bare) / n)
 
 
-def run_mode(model: str, arch: str, mode: str, counts: list[int], steps: int) -> list[dict]:
+def run_mode(model: str, arch: str, mode: str, counts: list[int], steps: int, dtype: str = "float32",
+             kv_bytes: int | None = None) -> list[dict]:
     from conftest import make_image, mm_request
     from vllm import LLM, SamplingParams
 
     kw = {} if mode == "stock" else {"model_impl": "v2drop", "additional_config": {"v2drop": {"kv_mode": mode}}}
     top = max(counts)
-    llm = LLM(model, dtype="float32", enforce_eager=True, seed=0, max_model_len=1024, max_num_seqs=top,
-              max_num_batched_tokens=8192, kv_cache_memory_bytes=top * 480 * 4096 + (256 << 20),
+    kv_bytes = kv_bytes or top * 480 * 4096 + (256 << 20)  # tiny models: ~4 KiB of KV per token
+    llm = LLM(model, dtype=dtype, enforce_eager=True, seed=0, max_model_len=4096, max_num_seqs=top,
+              max_num_batched_tokens=8192, kv_cache_memory_bytes=kv_bytes,
               limit_mm_per_prompt={"image": 1, "video": 0}, distributed_executor_backend="uni",
               disable_log_stats=True, **kw)
     install_timers()
@@ -190,6 +192,8 @@ def main(argv=None) -> int:
     ap.add_argument("--counts", default="1,16,64,256,1024")
     ap.add_argument("--modes", default="stock,shared,per_stage")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--kv-cache-bytes", type=int, default=None, help="KV pool (default: sized for the tiny models)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO / "tests"))
@@ -200,13 +204,15 @@ def main(argv=None) -> int:
     counts = [int(c) for c in args.counts.split(",")]
     rows = []
     for mode in args.modes.split(","):
-        rows += run_mode(model, args.arch, mode, counts, args.steps)
+        rows += run_mode(model, args.arch, mode, counts, args.steps, args.dtype, args.kv_cache_bytes)
     result = {"arch": args.arch, "model": model, "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "steps": args.steps, "rows": rows,
               "command": "python benchmarks/host_overhead.py " + " ".join(argv or sys.argv[1:])}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"cpu-host-overhead-{args.arch}"
+    import torch
+
+    stem = out / f"{'gpu' if torch.cuda.is_available() else 'cpu'}-host-overhead-{args.arch}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     plot(result, stem.with_suffix(".png"))
     print(f"wrote {stem}.json and .png")
