@@ -39,7 +39,6 @@ import argparse
 import asyncio
 import base64
 import json
-import os
 import random
 import re
 import sys
@@ -62,25 +61,6 @@ WEIGHTS = {"plain": 18, "text": 7, "video": 8, "stream": 9, "logprobs": 6, "prom
 IMAGES = ("img0", "img1", "img2", "img3", "img4", "two")
 VARIANTS = {"plain": {}, "stop": {}, "plogp": {"extra_body": {"prompt_logprobs": 1, "ignore_eos": True}},
             "n2": {"n": 2, "temperature": 1.0}, "n4": {"n": 4, "temperature": 1.0}}
-
-
-def ensure_model(arch: str) -> Path:
-    """The tiny ``arch`` model of the tests (``$V2DROP_TEST_MODELS`` or build/test-models), built once."""
-    from vllm_v2drop.tools.make_model import BUILDER_VERSION, make_model
-
-    target = Path(os.environ.get("V2DROP_TEST_MODELS", REPO / "build" / "test-models")) / arch
-    marker = target / "v2drop_model.json"
-    if marker.exists() and json.loads(marker.read_text()).get("builder_version") == BUILDER_VERSION:
-        return target
-    tmp = target.with_name(f".{arch}.tmp-{os.getpid()}")
-    make_model(arch, tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # built meanwhile by someone else
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def contents() -> dict[str, list[dict]]:
@@ -435,6 +415,9 @@ def run_soak(argv: list[str] | None = None) -> dict:
     from vllm_v2drop.tools.server import serve
 
     args = parse_args(argv)
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import ensure_model  # the tests' tiny models, built once
+
     model = str(ensure_model(args.arch))
     log = Path(args.log or REPO / "build" / "soak-logs" / f"soak-{args.arch}-{args.kv_mode}.log")
     log.parent.mkdir(parents=True, exist_ok=True)

@@ -279,9 +279,9 @@ class RequestPlan:
     def summary(self) -> tuple[int, int, tuple[int, ...]]:
         """``(first_start, last_end, dropped)``: where the items begin and end, and the rows
         the whole request has lost by each stage ``0 .. S`` (Python ints, computed once)."""
+        dropped = tuple(self._cum_dropped[:, -1].tolist())
         if not self.num_items:
-            return (self.num_prompt_tokens + 1, 0, (0,) * (self.num_stages + 1))
-        dropped = tuple(int(d) for d in (self.counts[:, :1] - self.counts).sum(axis=0))
+            return (self.num_prompt_tokens + 1, 0, dropped)
         return (int(self.starts[0]), int(self.ends[-1]), dropped)
 
     @cached_property
@@ -562,7 +562,7 @@ class BatchPlanner:
         """:func:`plan_step` of the synced batch, or None when V2Drop changes nothing in the step."""
         nc = np.asarray(num_computed, dtype=np.int64)
         ns = np.asarray(num_scheduled, dtype=np.int64)
-        n, end = len(nc), nc + np.asarray(num_scheduled, dtype=np.int64)
+        n, end = len(nc), nc + ns
         first, last = self.first[:n], self.last[:n]
         done = nc >= last  # every item computed before this step (text only: last = 0)
         mid = ~done & (end > first)  # this step computes vision rows (or stops between items)

@@ -113,7 +113,7 @@ class V2DropRuntime:
         self.stage_of_layer = stage_of_layer(schedule.layers, len(layer_names))
         self.planner = BatchPlanner(len(schedule.layers), self._plan_of)
         self._describe: Callable[[str], RequestView] | None = None
-        self._pending_trace: dict[str, list] = {}
+        self._pending_trace: dict[str, dict[int, dict]] = {}
         self._local = threading.local()
 
     # ---- planning ------------------------------------------------------------------------------
@@ -247,13 +247,16 @@ class V2DropRuntime:
             pos = rplan.positions[item]
             entry = {"modality": self._item_modality(req, pos), "first": int(pos[0]),
                      "rows": int(len(pos)), "kept": kept}
-            self._pending_trace.setdefault(req.req_id, []).append((item, entry))
+            # by item: a request preempted between its items records them again when it resumes
+            self._pending_trace.setdefault(req.req_id, {})[item] = entry
             if item == rplan.num_items - 1:
-                items = [e for _, e in sorted(self._pending_trace.pop(req.req_id))]
+                items = [e for _, e in sorted(self._pending_trace.pop(req.req_id).items())]
                 os.makedirs(sched_dir := self.schedule.trace, exist_ok=True)
                 line = json.dumps({"request_id": req.req_id, "layers": list(self.schedule.layers), "items": items})
                 with open(os.path.join(sched_dir, f"v2drop-trace-{os.getpid()}.jsonl"), "a") as f:
                     f.write(line + "\n")
+        for gone in [k for k in self._pending_trace if k not in self.planner.plans]:  # finished or aborted
+            del self._pending_trace[gone]
 
     @staticmethod
     def _item_modality(req: RequestView, positions: np.ndarray) -> str:

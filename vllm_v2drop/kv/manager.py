@@ -50,9 +50,7 @@ class StagePlans:
 
     def compact_len(self, request_id: str, stage: int, num_tokens: int) -> int:
         plan = self.plans.get(request_id)
-        if plan is None or num_tokens <= 0:
-            return num_tokens
-        return plan.compact_len(min(stage, plan.num_stages), int(num_tokens))
+        return num_tokens if plan is None else plan.compact_len(stage, num_tokens)
 
     @staticmethod
     def of(block_pool) -> StagePlans | None:
