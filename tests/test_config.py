@@ -191,6 +191,9 @@ def test_defaults_per_architecture():
         "LlavaOnevisionForConditionalGeneration": ("video-25", 28),
         "Qwen2VLForConditionalGeneration": ("qwen2-vl", 28),
         "Qwen2_5_VLForConditionalGeneration": ("qwen2-vl", 28),
+        "Qwen3VLForConditionalGeneration": ("qwen3-vl", 36),
+        "Qwen3VLMoeForConditionalGeneration": ("qwen3-vl", 36),
+        "LlavaNextForConditionalGeneration": ("llava-1.5", 32),
     }
     assert {a: p for a, (p, _) in expected.items()} == DEFAULT_PRESET_BY_ARCHITECTURE
     for arch, (name, depth) in expected.items():
@@ -198,6 +201,13 @@ def test_defaults_per_architecture():
             r = V2DropConfig().resolve(depth, prefix + arch)
             assert r.layers == PRESETS[name].layers and r.keep_ratios == PRESETS[name].keep_ratios
             assert f"preset '{name}'" in r.description
+
+
+def test_qwen3_vl_preset_first_stage_after_deepstack():
+    """Qwen3-VL's default drops after the DeepStack layers (0-2) at every published depth (2B .. 235B)."""
+    for depth in (28, 36, 48, 64, 94):
+        r = V2DropConfig().resolve(depth, "Qwen3VLMoeForConditionalGeneration")
+        assert len(r.layers) == 3 and r.layers[0] >= 3, (depth, r.layers)
 
 
 def test_reference_schedule_resolves():

@@ -16,6 +16,9 @@ ARCHITECTURES: dict[str, str] = {
     "LlavaOnevisionForConditionalGeneration": "V2DropLlavaOnevisionForConditionalGeneration",
     "Qwen2VLForConditionalGeneration": "V2DropQwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "V2DropQwen2_5_VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration": "V2DropQwen3VLForConditionalGeneration",
+    "Qwen3VLMoeForConditionalGeneration": "V2DropQwen3VLMoeForConditionalGeneration",
+    "LlavaNextForConditionalGeneration": "V2DropLlavaNextForConditionalGeneration",
 }
 V2DROP_ARCHITECTURES = frozenset(ARCHITECTURES.values())
 MODEL_IMPL = "v2drop"

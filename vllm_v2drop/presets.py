@@ -17,7 +17,14 @@ llava-1.5-64      32     3, 17, 22    0.039, 0.039, 0.0   64.1 rows = 11.1%
 qwen2-vl          28     3, 16, 22    0.25, 0.05, 0.0    130.3 rows = 22.6%
 video-25          28     3, 16, 22    0.274, 0.274, 0.0  144.0 rows = 25.0%
 video-15          28     3, 16, 22    0.09, 0.09, 0.0     86.5 rows = 15.0%
+qwen3-vl          36     4, 21, 28    0.25, 0.05, 0.0    133.6 rows = 23.2%
 ================  =====  ===========  =================  ============================
+
+``qwen3-vl`` is not published: no V2Drop schedule exists for Qwen3-VL. It is the
+paper's Qwen2-VL schedule with its shallow / middle / deep layers scaled to
+Qwen3-VL-8B's 36 layers (3, 16, 22 of 28 -> 4, 21, 28 of 36); the first stage
+comes after the three layers that receive DeepStack features (0, 1, 2) at every
+published depth (28 to 94 layers).
 """
 
 from __future__ import annotations
@@ -108,6 +115,15 @@ PRESETS: dict[str, Preset] = {
             "with ratios from solve_keep_ratios(target=0.15).",
             0.15,
         ),
+        Preset(
+            "qwen3-vl",
+            36,
+            (4, 21, 28),
+            (0.25, 0.05, 0.0),
+            "No published V2Drop schedule for Qwen3-VL: the paper's Qwen2-VL schedule (ratios 0.25, "
+            "0.05, 0.0) with its layers scaled from 28 to Qwen3-VL-8B's 36 layers; the first stage "
+            "follows the DeepStack layers (0-2).",
+        ),
     )
 }
 
@@ -119,6 +135,10 @@ DEFAULT_PRESET_BY_ARCHITECTURE: dict[str, str] = {
     "LlavaOnevisionForConditionalGeneration": "video-25",
     "Qwen2VLForConditionalGeneration": "qwen2-vl",
     "Qwen2_5_VLForConditionalGeneration": "qwen2-vl",
+    # no published schedules for these (see the README's presets rationale)
+    "Qwen3VLForConditionalGeneration": "qwen3-vl",
+    "Qwen3VLMoeForConditionalGeneration": "qwen3-vl",
+    "LlavaNextForConditionalGeneration": "llava-1.5",
 }
 
 

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -170,7 +170,8 @@ class V2DropRuntime:
             return None
         return drop
 
-    def forward(self, lm: torch.nn.Module, drop: DropStep, input_ids, positions, inputs_embeds) -> torch.Tensor:
+    def forward(self, lm: torch.nn.Module, drop: DropStep, input_ids, positions, inputs_embeds,
+                adds_after: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
         """Run vLLM's decoder layers eagerly, cutting each item's vision rows at each stage.
 
         ``lm`` is the VLM's inner ``LlamaModel`` / ``Qwen2Model``. The residual
@@ -181,6 +182,9 @@ class V2DropRuntime:
         runner adapter). The output has every row of the step again (dropped rows are
         zero) so that the sampler's indices stay valid; padding rows (CUDA graphs) are
         not run.
+
+        ``adds_after[l]`` (one row per step row) is added to the hidden states after layer
+        ``l``, on the rows still present (Qwen3-VL's DeepStack visual features).
         """
         sched = self.schedule
         hidden = inputs_embeds if inputs_embeds is not None else lm.embed_input_ids(input_ids)
@@ -206,6 +210,9 @@ class V2DropRuntime:
             if idx + 1 in stage_at:
                 x_prev = hidden if residual is None else hidden + residual
             hidden, residual = lm.layers[idx](positions, hidden, residual)
+            add = adds_after.get(idx) if adds_after else None
+            if add is not None:
+                hidden = hidden + add[rows]
         hidden, _ = lm.norm(hidden, residual)
         out = hidden.new_zeros((num_padded, hidden.shape[-1]))
         return out.index_copy_(0, rows, hidden)

@@ -4,6 +4,17 @@ Each inherits its vLLM parent's weights, multimodal processor and vision path;
 the mixin only adds the runtime and routes steps that drop rows through
 :meth:`V2DropRuntime.forward`. Steps with nothing to drop (decode, text-only,
 dummy runs) call the parent's forward: vLLM's compiled language model.
+
+Adding a model (README, "Adding a model"): subclass ``V2DropMixin`` first, then vLLM's
+class. A subclass says only what differs from the defaults below:
+
+* where the decoder stack is: :meth:`V2DropMixin.v2drop_decoder` (default
+  ``self.language_model.model``, a module with ``layers``, ``start_layer``, ``end_layer``,
+  ``norm`` and ``embed_input_ids`` whose layers take ``(positions, hidden, residual)``);
+* what the parent's language model adds per row between layers, which the drop loop
+  must carry with the kept rows: :meth:`V2DropMixin.v2drop_adds_after` (Qwen3-VL's
+  DeepStack), and :meth:`V2DropMixin.v2drop_forward_done` for clean-up the parent's
+  forward would have done.
 """
 
 from __future__ import annotations
@@ -12,20 +23,35 @@ import torch
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration
 from vllm.model_executor.models.llava_onevision import LlavaOnevisionForConditionalGeneration
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
 from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
+from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration
+from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
 
 from vllm_v2drop.runtime import V2DropRuntime
 
 
 class V2DropMixin:
-    """Adds V2Drop to a vLLM VLM whose language model is ``self.language_model.model``."""
+    """Adds V2Drop to a vLLM VLM (decoder stack: :meth:`v2drop_decoder`)."""
+
+    def v2drop_decoder(self) -> torch.nn.Module:
+        """The decoder stack the drop loop runs (vLLM's ``LlamaModel`` / ``Qwen2Model`` / ...)."""
+        return self.language_model.model
+
+    def v2drop_adds_after(self, inputs_embeds) -> dict[int, torch.Tensor]:
+        """``{l: rows}``: tensors (one row per step row) the parent's language model adds to the
+        hidden states after decoder layer ``l``; the drop loop adds them on the kept rows."""
+        return {}
+
+    def v2drop_forward_done(self, inputs_embeds) -> None:
+        """Called after a drop step's forward (the parent's per-step clean-up)."""
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         from vllm_v2drop.integration import resolve_schedule
         from vllm_v2drop.runner import v1
 
-        lm = self.language_model.model
+        lm = self.v2drop_decoder()
         names = [layer.self_attn.attn.layer_name for layer in lm.layers[lm.start_layer : lm.end_layer]]
         self.v2drop_runtime = V2DropRuntime(resolve_schedule(vllm_config), names)
         if self.v2drop_runtime.schedule.kv_mode == "per_stage" and self.v2drop_runtime.schedule.layers:
@@ -40,7 +66,12 @@ class V2DropMixin:
         drop = self.v2drop_runtime.current(num_tokens)
         if drop is None or intermediate_tensors is not None:
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
-        return self.v2drop_runtime.forward(self.language_model.model, drop, input_ids, positions, inputs_embeds)
+        try:
+            adds = self.v2drop_adds_after(inputs_embeds)
+            return self.v2drop_runtime.forward(self.v2drop_decoder(), drop, input_ids, positions, inputs_embeds,
+                                               adds_after=adds)
+        finally:
+            self.v2drop_forward_done(inputs_embeds)
 
 
 class V2DropLlavaForConditionalGeneration(V2DropMixin, LlavaForConditionalGeneration):
@@ -60,4 +91,34 @@ class V2DropQwen2VLForConditionalGeneration(V2DropMixin, Qwen2VLForConditionalGe
 
 
 class V2DropQwen2_5_VLForConditionalGeneration(V2DropMixin, Qwen2_5_VLForConditionalGeneration):
+    pass
+
+
+class V2DropLlavaNextForConditionalGeneration(V2DropMixin, LlavaNextForConditionalGeneration):
+    pass
+
+
+class _DeepStack:
+    """Qwen3-VL: DeepStack visual features, added after the first decoder layers at the vision rows.
+
+    vLLM's ``embed_input_ids`` leaves them in a buffer on the model; its ``forward`` reads them
+    (only when given ``inputs_embeds``) and clears the buffer afterwards; so do these.
+    """
+
+    def v2drop_adds_after(self, inputs_embeds) -> dict[int, torch.Tensor]:
+        if inputs_embeds is None or not self.use_deepstack:
+            return {}
+        ds = self._get_deepstack_input_embeds(inputs_embeds.size(0))
+        return {} if ds is None else {l: ds[f"deepstack_input_embeds_{l}"] for l in range(self.deepstack_num_level)}
+
+    def v2drop_forward_done(self, inputs_embeds) -> None:
+        if inputs_embeds is not None:
+            self._clear_deepstack_input_embeds(inputs_embeds.size(0))
+
+
+class V2DropQwen3VLForConditionalGeneration(_DeepStack, V2DropMixin, Qwen3VLForConditionalGeneration):
+    pass
+
+
+class V2DropQwen3VLMoeForConditionalGeneration(_DeepStack, V2DropMixin, Qwen3VLMoeForConditionalGeneration):
     pass

@@ -26,7 +26,7 @@ import zlib
 from pathlib import Path
 
 BUILDER_VERSION = 1
-ARCHS = ("llava", "llava-onevision", "qwen2-vl", "qwen2.5-vl")
+ARCHS = ("llava", "llava-onevision", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe", "llava-next")
 SIZES = ("tiny", "7b")
 
 # -------------------------------------------------------------------------------------------------
@@ -67,7 +67,8 @@ _SPECIALS = {
         None, "<|im_end|>", "<|endoftext|>", None,
     ),
 }
-_SPECIALS["qwen2.5-vl"] = _SPECIALS["qwen2-vl"]
+_SPECIALS["qwen2.5-vl"] = _SPECIALS["qwen3-vl"] = _SPECIALS["qwen3-vl-moe"] = _SPECIALS["qwen2-vl"]
+_SPECIALS["llava-next"] = _SPECIALS["llava"]
 
 
 def _make_tokenizer(arch: str, chat_template: str, vocab_size: int = 1024):
@@ -132,6 +133,11 @@ QWEN_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# Qwen3-VL's template: Qwen2-VL's without the default system message.
+QWEN3_TEMPLATE = QWEN_TEMPLATE.replace(
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}", "")
+
 # -------------------------------------------------------------------------------------------------
 # Configs and processors
 
@@ -140,7 +146,13 @@ def _text_dims(size: str, arch: str) -> dict:
     if size == "tiny":
         return dict(hidden_size=128, intermediate_size=256, num_hidden_layers=8, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=8192, initializer_range=0.1)
-    if arch == "llava":  # Vicuna-7B (Llama-2 shape)
+    if arch == "qwen3-vl":  # Qwen3-VL-8B
+        return dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                    num_key_value_heads=8, max_position_embeddings=262144)
+    if arch == "qwen3-vl-moe":  # Qwen3-VL-30B-A3B
+        return dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
+                    num_key_value_heads=4, max_position_embeddings=262144)
+    if arch in ("llava", "llava-next"):  # Vicuna-7B (Llama-2 shape)
         return dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                     num_key_value_heads=32, max_position_embeddings=4096)
     return dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
@@ -206,6 +218,61 @@ def _build(arch: str, size: str, tok):
                                          chat_template=OV_TEMPLATE)
         return T.LlavaOnevisionForConditionalGeneration, cfg, proc
 
+    if arch == "llava-next":  # LLaVA-NeXT (v1.6, Vicuna): CLIP tiles at any resolution + image_newline
+        img = 32 if tiny else 336
+        vision = T.CLIPVisionConfig(
+            **(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                    image_size=img, patch_size=8, projection_dim=64, initializer_range=0.1) if tiny else
+               dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                    image_size=img, patch_size=14, projection_dim=768)),
+            hidden_act="quick_gelu")
+        text_cfg = T.LlamaConfig(vocab_size=n_vocab if tiny else 32064, rms_norm_eps=1e-5,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **text, **common)
+        pinpoints = [[img, 2 * img], [2 * img, img], [2 * img, 2 * img], [3 * img, img], [img, 3 * img]]
+        cfg = T.LlavaNextConfig(vision_config=vision, text_config=text_cfg, image_token_index=ids("<image>"),
+                                image_seq_length=(img // vision.patch_size) ** 2, vision_feature_layer=-2,
+                                vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints,
+                                projector_hidden_act="gelu", tie_word_embeddings=False, **common)
+        ip = T.LlavaNextImageProcessor(size={"shortest_edge": img}, crop_size={"height": img, "width": img},
+                                       image_grid_pinpoints=pinpoints, do_pad=True, resample=3)
+        proc = T.LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=vision.patch_size,
+                                    vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                    chat_template=LLAVA_TEMPLATE)
+        return T.LlavaNextForConditionalGeneration, cfg, proc
+
+    if arch in ("qwen3-vl", "qwen3-vl-moe"):  # DeepStack vision tower, interleaved M-RoPE, video timestamps
+        moe = arch == "qwen3-vl-moe"
+        head_dim = text["hidden_size"] // text["num_attention_heads"] if tiny else 128
+        rope = {"rope_type": "default", "rope_theta": 5000000.0, "mrope_interleaved": True,
+                "mrope_section": [6, 5, 5] if tiny else [24, 20, 20]}  # sums to head_dim / 2
+        text_cfg = dict(vocab_size=n_vocab if tiny else 151936, rms_norm_eps=1e-6, head_dim=head_dim,
+                        rope_parameters=rope, **text, **common)
+        if moe:
+            text_cfg.update(moe_intermediate_size=32 if tiny else 768, num_experts=4 if tiny else 128,
+                            num_experts_per_tok=2 if tiny else 8, decoder_sparse_step=1, norm_topk_prob=True)
+        # tiny: 3 tower blocks, each feeding DeepStack (LLM layers 0, 1, 2 get visual features added)
+        vision = (dict(depth=3, hidden_size=64, intermediate_size=128, num_heads=2, num_position_embeddings=256,
+                       deepstack_visual_indexes=[0, 1, 2], initializer_range=0.1) if tiny else
+                  dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
+                       num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24]))
+        vision.update(hidden_act="gelu_pytorch_tanh", patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                      out_hidden_size=text["hidden_size"])
+        cls, cfg_cls = ((T.Qwen3VLMoeForConditionalGeneration, T.Qwen3VLMoeConfig) if moe else
+                        (T.Qwen3VLForConditionalGeneration, T.Qwen3VLConfig))
+        cfg = cfg_cls(vision_config=vision, text_config=text_cfg, image_token_id=ids("<|image_pad|>"),
+                      video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+                      vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=False, **common)
+        # tiny: 112x112 -> 16 rows, 160x120 -> 20, 224x168 -> 35; an 8-frame 64x64 video -> 4 x 16 rows
+        img_px = (64 * 64, 448 * 448) if tiny else (64 * 32 * 32, 16384 * 32 * 32)
+        half = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+        ip = T.Qwen2VLImageProcessor(size={"shortest_edge": img_px[0], "longest_edge": img_px[1]}, patch_size=16,
+                                     merge_size=2, temporal_patch_size=2, **half)
+        vp = T.Qwen3VLVideoProcessor(size={"shortest_edge": 128 * 32 * 32, "longest_edge": (256 if tiny else 768)
+                                           * 32 * 32}, patch_size=16, merge_size=2, temporal_patch_size=2, fps=2,
+                                     **half)
+        proc = T.Qwen3VLProcessor(image_processor=ip, video_processor=vp, tokenizer=tok, chat_template=QWEN3_TEMPLATE)
+        return cls, cfg, proc
+
     # Qwen2-VL / Qwen2.5-VL
     q25 = arch == "qwen2.5-vl"
     mrope = [4, 6, 6] if tiny else [16, 24, 24]  # sums to head_dim / 2
@@ -249,7 +316,9 @@ def _build(arch: str, size: str, tok):
 
 def checkpoint_name(arch: str, name: str) -> str:
     """transformers-5 parameter name -> the published checkpoint's key (what vLLM 0.32 maps)."""
-    if arch in ("llava", "llava-onevision"):
+    if arch.startswith("qwen3"):  # transformers 5 names are the published ones, except fused experts
+        return name
+    if arch in ("llava", "llava-onevision", "llava-next"):
         for old, new in (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
                          ("model.vision_tower.", "vision_tower.vision_model."),
                          ("model.multi_modal_projector.", "multi_modal_projector."),
@@ -282,6 +351,7 @@ def _param_specs(cls, cfg):
 # q/k weights get twice the std: sharper attention, so generations depend on their context and do not
 # settle on one repeated token.
 _SHARP, _QK_SCALE = ("q_proj", "k_proj"), 2.0
+_FUSED_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 
 def _tensor(name: str, shape, kind: str, seed: int, std: float, dtype):
@@ -303,6 +373,8 @@ def _write_weights(arch: str, cls, cfg, out: Path, seed: int, std: float, dtype,
     shards, cur, cur_bytes = [], {}, 0
     for name, shape, kind in specs:
         t = _tensor(name, shape, kind, seed, std, dtype)
+        if name.endswith(_FUSED_EXPERTS):  # published Qwen3-VL-MoE layout: [experts, in, out]
+            t = t.transpose(1, 2).contiguous()
         cur[checkpoint_name(arch, name)] = t
         cur_bytes += t.numel() * t.element_size()
         if cur_bytes >= shard_bytes:
@@ -349,7 +421,8 @@ def make_model(arch: str, out: str | Path, seed: int = 0, size: str = "tiny") ->
         shutil.rmtree(out)
     out.mkdir(parents=True)
 
-    template = {"llava": LLAVA_TEMPLATE, "llava-onevision": OV_TEMPLATE}.get(arch, QWEN_TEMPLATE)
+    template = {"llava": LLAVA_TEMPLATE, "llava-next": LLAVA_TEMPLATE, "llava-onevision": OV_TEMPLATE,
+                "qwen3-vl": QWEN3_TEMPLATE, "qwen3-vl-moe": QWEN3_TEMPLATE}.get(arch, QWEN_TEMPLATE)
     tok = _make_tokenizer(arch, template)
     cls, cfg, proc = _build(arch, size, tok)
     dtype = torch.float32 if size == "tiny" else torch.bfloat16
