@@ -48,6 +48,7 @@ ALLOWED: dict[str, str] = {
     "seed": "an integer",
     "trace": "null or a directory path (string)",
     "kv_mode": "shared, per_stage",
+    "allow_request_overrides": "true or false",
 }
 
 
@@ -98,6 +99,10 @@ class V2DropConfig(BaseModel):
         seed: seed of the ``random`` metric.
         trace: directory to write per-request traces to.
         kv_mode: ``shared`` (one block table) or ``per_stage`` (KV groups per stage).
+        allow_request_overrides: whether a request may choose its own budget
+            (``v2drop_*`` keys of ``SamplingParams.extra_args`` / the OpenAI
+            ``vllm_xargs``; see :mod:`vllm_v2drop.overrides`). False pins the
+            engine's schedule: such keys are refused.
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -113,6 +118,7 @@ class V2DropConfig(BaseModel):
     seed: int = 0
     trace: str | None = None
     kv_mode: Literal["shared", "per_stage"] = "shared"
+    allow_request_overrides: bool = True
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -291,6 +297,8 @@ class V2DropConfig(BaseModel):
             modalities=tuple(self.modalities),
             trace=self.trace,
             kv_mode=self.kv_mode,
+            reference_rows=self.reference_rows,
+            allow_request_overrides=self.allow_request_overrides,
         )
 
 
@@ -301,6 +309,8 @@ class ResolvedSchedule:
     ``layers`` is empty when nothing is dropped (metric ``none``, or a model
     too shallow for any stage). ``achieved_retention`` is the average share of
     an item's vision rows present per layer, for the config's ``reference_rows``.
+    ``reference_rows`` and ``min_keep`` also solve a request's own
+    ``v2drop_target_retention`` (:mod:`vllm_v2drop.overrides`).
     """
 
     layers: tuple[int, ...]
@@ -314,11 +324,16 @@ class ResolvedSchedule:
     modalities: tuple[Modality, ...] = ("image", "video")
     trace: str | None = None
     kv_mode: Literal["shared", "per_stage"] = "shared"
+    reference_rows: int = 576
+    allow_request_overrides: bool = True
 
     @property
     def num_stages(self) -> int:
         return len(self.layers)
 
-    def plan(self, items: Any, num_prompt_tokens: int, prune: bool = True) -> RequestPlan:
-        """:func:`vllm_v2drop.plan.plan_request` with this schedule's ratios and ``min_keep``."""
-        return plan_request(items, num_prompt_tokens, self.keep_ratios, self.min_keep, prune=prune)
+    def plan(self, items: Any, num_prompt_tokens: int, prune: bool = True,
+             keep_ratios: tuple[float, ...] | None = None) -> RequestPlan:
+        """:func:`vllm_v2drop.plan.plan_request` with this schedule's ratios (or a request's own
+        ``keep_ratios``, one per layer of this schedule) and ``min_keep``."""
+        ratios = self.keep_ratios if keep_ratios is None else keep_ratios
+        return plan_request(items, num_prompt_tokens, ratios, self.min_keep, prune=prune)

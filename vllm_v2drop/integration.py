@@ -45,6 +45,10 @@ def install() -> None:
 
     scheduling.install()  # whole vision items per step (a no-op for other models)
 
+    from vllm_v2drop import frontend
+
+    frontend.install()  # per-request settings checked at admission; metrics (a no-op for other models)
+
 
 def _supported_message(architectures) -> str:
     return (

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 from vllm_v2drop.config import ResolvedSchedule
+from vllm_v2drop.overrides import RequestOverride
+from vllm_v2drop.overrides import parse as parse_override
 from vllm_v2drop.selection import kept_rows, segmented_topk_keep, stage_scores
 from vllm_v2drop.plan import BatchPlanner, RequestPlan, StepPlan, stage_of_layer
 
@@ -38,6 +40,7 @@ class RequestView:
     num_prompt_tokens: int
     items: Sequence[VisionItem]
     wants_prompt_logprobs: bool
+    extra_args: dict | None = None  # the request's SamplingParams.extra_args (v2drop_* keys)
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,25 @@ def request_view(req_id: str, num_prompt_tokens: int, mm_features: Iterable | No
         items=[VisionItem(f.modality, item_positions(f.mm_position)) for f in features],
         wants_prompt_logprobs=sampling_params is not None
         and getattr(sampling_params, "prompt_logprobs", None) is not None,
+        extra_args=getattr(sampling_params, "extra_args", None),
     )
+
+
+def request_override(schedule: ResolvedSchedule, req: RequestView) -> RequestOverride | None:
+    """The request's own V2Drop settings (``v2drop_*`` keys of its ``extra_args``), or None.
+
+    The frontend refused bad values before the request was scheduled
+    (:mod:`vllm_v2drop.frontend`); should one get here anyway (a request built by hand and
+    handed to the engine core directly), the engine's schedule applies: the same on the
+    worker and the scheduler side, and no engine error for a client mistake.
+    """
+    if not req.extra_args:
+        return None
+    try:
+        return parse_override(req.extra_args, schedule)
+    except ValueError as err:
+        logger.warning("V2Drop request %s: %s; using the engine's schedule", req.req_id, err)
+        return None
 
 
 def plan_for(schedule: ResolvedSchedule, req: RequestView) -> RequestPlan:
@@ -96,12 +117,17 @@ def plan_for(schedule: ResolvedSchedule, req: RequestView) -> RequestPlan:
     The one place that turns a request into a plan, for the worker (this runtime, from the
     runner's ``CachedRequestState``) and the scheduler (``kv/manager.py``, from vLLM's
     ``Request``) alike: both give :func:`request_view` the same ``mm_features``, prompt
-    length and sampling params, so KV blocks allocated per stage always match the rows
+    length and sampling params (with the request's ``v2drop_*`` settings, see
+    :mod:`vllm_v2drop.overrides`), so KV blocks allocated per stage always match the rows
     the worker writes.
     """
     items = [it.positions for it in req.items if it.modality in schedule.modalities]
     prune = bool(schedule.layers) and not req.wants_prompt_logprobs
-    return schedule.plan(items, req.num_prompt_tokens, prune=prune)
+    override = request_override(schedule, req) if prune else None
+    if override is not None and override.off:
+        prune = False
+    ratios = override.keep_ratios if override is not None else None
+    return schedule.plan(items, req.num_prompt_tokens, prune=prune, keep_ratios=ratios)
 
 
 class V2DropRuntime:
