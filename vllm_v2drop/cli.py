@@ -16,7 +16,21 @@ def main(argv: list[str] | None = None) -> int:
     mm.add_argument("--seed", type=int, default=0)
     mm.add_argument("--size", choices=["tiny", "7b"], default="tiny")
 
+    st = sub.add_parser("show-trace", help="draw the patches V2Drop kept per stage for one traced request")
+    st.add_argument("trace", metavar="TRACE_FILE", help="a trace .jsonl file (or the trace directory)")
+    st.add_argument("--request", required=True, help="request id (a prefix before vLLM's '-suffix' is enough)")
+    st.add_argument("--image", action="append", default=[], help="the request's image(s), in prompt order")
+    st.add_argument("--video", help="the request's video (a video file or an .npy array of frames)")
+    st.add_argument("--out", required=True, help="PNG to write")
+    st.add_argument("--grid", help="patch grid TxHxW (or HxW) instead of inferring it from the picture")
+    st.add_argument("--cell", type=int, default=24, help="pixels per patch (default 24)")
+
     args = parser.parse_args(argv)
+    if args.cmd == "show-trace":
+        from vllm_v2drop.tools.show_trace import show_trace
+
+        print(show_trace(args.trace, args.request, args.image, args.video, args.out, args.grid, args.cell))
+        return 0
     if args.cmd == "make-model":
         from vllm_v2drop.tools.make_model import make_model
 
