@@ -275,6 +275,16 @@ class RequestPlan:
             return prefix_len - dropped[stage]
         return prefix_len - self.dropped_before(stage, prefix_len)
 
+    def compact_lens(self, prefix_len: int) -> tuple[int, ...]:
+        """:meth:`compact_len` of every stage ``0 .. S`` at once (the scheduler's per-request call)."""
+        first, last, dropped = self.summary
+        if prefix_len <= first:
+            return (prefix_len,) * len(dropped)
+        if prefix_len >= last:
+            return tuple([prefix_len - d for d in dropped])
+        i = int(np.searchsorted(self.ends, prefix_len, side="right"))
+        return tuple((prefix_len - self._cum_dropped[:, i]).tolist())
+
     @cached_property
     def summary(self) -> tuple[int, int, tuple[int, ...]]:
         """``(first_start, last_end, dropped)``: where the items begin and end, and the rows

@@ -3,10 +3,12 @@
 vLLM's scheduler counts every request in ORIGINAL tokens (positions, RoPE and
 the sampler stay original). Its KV-cache coordinator hands each group's manager
 ``num_tokens`` = the original token count a request needs slots for.
-:class:`V2DropStageManager` (vLLM's full-attention manager, one per stage group)
-converts that count to the rows present in its stage, ``plan.compact_len(stage,
-num_tokens)``, before sizing the request's block list, so a stage-``s`` group
-holds ``ceil(compact_len(s, n) / block_size)`` blocks of a request.
+:class:`V2DropCoordinator` (mixed into the pool's coordinator when it holds
+:class:`V2DropStageManager` groups, vLLM's full-attention manager with a stage)
+converts that count once per request and call to the rows present in every
+stage, ``plan.compact_lens(num_tokens)``, and gives each group its stage's
+count, so a stage-``s`` group holds ``ceil(compact_len(s, n) / block_size)``
+blocks of a request.
 
 Managers only see request ids. The request's plan is built once from the
 scheduler's ``Request`` when :meth:`KVCacheManager.allocate_slots` first sees it
@@ -24,9 +26,10 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
+from vllm.v1.core.kv_cache_coordinator import KVCacheCoordinator
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
-__all__ = ["StagePlans", "V2DropStageManager", "install_scheduler_hooks"]
+__all__ = ["StagePlans", "V2DropCoordinator", "V2DropStageManager", "install_scheduler_hooks"]
 
 
 class StagePlans:
@@ -72,42 +75,6 @@ class V2DropStageManager(FullAttentionManager):
     def _compact(self, request_id: str, num_tokens: int) -> int:
         return self.plans.compact_len(request_id, self.stage, num_tokens)
 
-    # The two calls of every scheduled request and group per step: O(1) for a request past its items.
-    def get_num_blocks_to_allocate(
-        self,
-        request_id: str,
-        num_tokens: int,
-        new_computed_blocks: Sequence,
-        total_computed_tokens: int,
-        num_local_computed_tokens: int,
-        num_tokens_main_model: int,
-        apply_admission_cap: bool = False,
-        prefill_end: int = 0,
-    ) -> int:
-        plan = self.plans.plans.get(request_id)
-        if plan is not None:
-            c = plan.compact_len
-            s = self.stage
-            num_tokens, total_computed_tokens = c(s, num_tokens), c(s, total_computed_tokens)
-            num_local_computed_tokens, num_tokens_main_model = c(s, num_local_computed_tokens), c(s, num_tokens_main_model)
-        return super().get_num_blocks_to_allocate(
-            request_id,
-            num_tokens,
-            new_computed_blocks,
-            total_computed_tokens,
-            num_local_computed_tokens,
-            num_tokens_main_model,
-            apply_admission_cap=apply_admission_cap,
-            prefill_end=prefill_end,
-        )
-
-    def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int):
-        plan = self.plans.plans.get(request_id)
-        if plan is not None:
-            num_tokens = plan.compact_len(self.stage, num_tokens)
-            num_tokens_main_model = plan.compact_len(self.stage, num_tokens_main_model)
-        return super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
-
     def allocate_external_computed_blocks(
         self,
         request_id: str,
@@ -125,6 +92,86 @@ class V2DropStageManager(FullAttentionManager):
         return
 
 
+class V2DropCoordinator(KVCacheCoordinator):
+    """vLLM's KV-cache coordinator of a pool with V2Drop stage groups (its two per-step calls).
+
+    The coordinator hands every group's manager the same ORIGINAL token counts; here each
+    request's counts are compacted once per call for all stages (``plan.compact_lens``) and
+    every group gets its stage's. The per-step cost is one plan lookup and a few tuples per
+    request, not a call per request and group. Requests without a plan (text-only, not
+    registered yet) take vLLM's own path with original counts: a superset.
+    """
+
+    _v2drop_plans: StagePlans
+    _v2drop_stages: tuple[int, ...]  # stage of each group (0, i.e. original counts, for a non-V2Drop group)
+
+    def get_num_blocks_to_allocate(
+        self,
+        request_id: str,
+        num_tokens: int,
+        new_computed_blocks: tuple[Sequence, ...],
+        num_encoder_tokens: int,
+        total_computed_tokens: int,
+        num_local_computed_tokens: int,
+        num_tokens_main_model: int,
+        apply_admission_cap: bool = False,
+        prefill_end: int = 0,
+    ) -> int:
+        plan = self._v2drop_plans.plans.get(request_id)
+        if plan is None or not plan.pruned:
+            return KVCacheCoordinator.get_num_blocks_to_allocate(
+                self,
+                request_id, num_tokens, new_computed_blocks, num_encoder_tokens, total_computed_tokens,
+                num_local_computed_tokens, num_tokens_main_model, apply_admission_cap, prefill_end,
+            )
+        lens = plan.compact_lens
+        n = lens(num_tokens)
+        total = n if total_computed_tokens == num_tokens else lens(total_computed_tokens)
+        local = total if num_local_computed_tokens == total_computed_tokens else lens(num_local_computed_tokens)
+        main = n if num_tokens_main_model == num_tokens else lens(num_tokens_main_model)
+        if self.retention_interval != 0:
+            prefill_end = 0
+        blocks = 0
+        for i, (manager, s) in enumerate(zip(self.single_type_managers, self._v2drop_stages)):
+            blocks += manager.get_num_blocks_to_allocate(
+                request_id, n[s], new_computed_blocks[i], total[s], local[s], main[s],
+                apply_admission_cap=apply_admission_cap, prefill_end=prefill_end,
+            )
+        return blocks
+
+    def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int,
+                            num_encoder_tokens: int = 0) -> tuple[list, ...]:
+        plan = self._v2drop_plans.plans.get(request_id)
+        if plan is None or not plan.pruned:
+            return KVCacheCoordinator.allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model, num_encoder_tokens)
+        n = plan.compact_lens(num_tokens)
+        main = n if num_tokens_main_model == num_tokens else plan.compact_lens(num_tokens_main_model)
+        return tuple(
+            manager.allocate_new_blocks(request_id, n[s], main[s])
+            for manager, s in zip(self.single_type_managers, self._v2drop_stages)
+        )
+
+    @classmethod
+    def adopt(cls, coordinator) -> bool:
+        """Give ``coordinator`` these two methods if its pool has V2Drop stage groups.
+
+        vLLM picks the coordinator class (with or without prefix caching, hybrid or not); the
+        instance becomes a subclass of its own class with these methods (a class of the same
+        object layout, which ``__class__`` assignment requires, hence no mixin).
+        """
+        managers = coordinator.single_type_managers
+        if not any(isinstance(m, V2DropStageManager) for m in managers):
+            return False
+        base = type(coordinator)
+        if base not in _coordinator_classes.values():
+            methods = {k: cls.__dict__[k] for k in ("get_num_blocks_to_allocate", "allocate_new_blocks")}
+            coordinator.__class__ = _coordinator_classes.setdefault(base, type(f"V2Drop{base.__name__}", (base,), methods))
+        coordinator._v2drop_plans = StagePlans.of(coordinator.block_pool)
+        coordinator._v2drop_stages = tuple(getattr(m, "stage", 0) for m in managers)
+        return True
+
+
+_coordinator_classes: dict[type, type] = {}
 _hooks_installed = False
 
 
@@ -141,11 +188,17 @@ def install_scheduler_hooks() -> None:
     _hooks_installed = True
     from vllm.v1.core.kv_cache_manager import KVCacheManager
 
-    allocate_slots, free, pop_blocks_for_free = (
+    init, allocate_slots, free, pop_blocks_for_free = (
+        KVCacheManager.__init__,
         KVCacheManager.allocate_slots,
         KVCacheManager.free,
         KVCacheManager.pop_blocks_for_free,
     )
+
+    @functools.wraps(init)
+    def _init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        V2DropCoordinator.adopt(self.coordinator)
 
     @functools.wraps(allocate_slots)
     def _allocate_slots(self, request, *args, **kwargs):
@@ -173,6 +226,7 @@ def install_scheduler_hooks() -> None:
         finally:
             _forget(self, request)
 
+    KVCacheManager.__init__ = _init
     KVCacheManager.allocate_slots = _allocate_slots
     KVCacheManager.free = _free
     KVCacheManager.pop_blocks_for_free = _pop_blocks_for_free

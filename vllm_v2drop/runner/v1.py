@@ -90,13 +90,45 @@ def _stage_groups(runner, runtime: V2DropRuntime, stage: int) -> list[tuple[int,
     return cache[stage]
 
 
+def _slot_mapping(table, qsl: torch.Tensor, kv_pos: torch.Tensor, length: int) -> torch.Tensor:
+    """Slots of a stage's rows from the group's device block table, with the runner's own kernel
+    (vLLM's ``ComputeSlotMappingKernel``: Triton on a GPU, its C++ fallback on CPU); ``-1`` pads
+    to ``length``."""
+    from vllm.v1.worker.block_table import _COMPUTE_SLOT_MAPPING_KERNEL
+
+    bt = table.block_table.gpu
+    out = torch.full((length,), -1, dtype=torch.int64, device=bt.device)
+    _COMPUTE_SLOT_MAPPING_KERNEL(
+        qsl.shape[0] - 1, kv_pos.shape[0], length, qsl, kv_pos, bt, bt.stride(0), out,
+        table.block_size, table.dcp_world_size, table.dcp_rank, table.cp_kv_cache_interleave_size,
+    )
+    return out
+
+
+def _retarget(group, built, block_table: torch.Tensor, slots: torch.Tensor):
+    """``built`` (another group's metadata for the same stage view) with this group's block table
+    and slots, as vLLM does across hybrid groups (``update_block_table``); None where the backend
+    cannot. vLLM 0.32's CPU attention metadata carries both only as pass-through fields."""
+    builder = group.get_metadata_builder()
+    if builder.supports_update_block_table:
+        return builder.update_block_table(built, group.map_to_kernel_block_table(block_table), slots)
+    if type(builder).__name__ == "CPUAttentionMetadataBuilder" and group.kernel_block_size is None:
+        out = copy.copy(built)
+        out.block_table, out.slot_mapping = block_table, slots
+        return out
+    return None
+
+
 def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> None:
     """Give the layers of each stage s >= 1 metadata for the rows present at that stage.
 
     Per stage, the host arrays (query offsets, sequence lengths, compact KV positions) are
-    computed once for all its KV-cache groups; a stage whose view equals the stage before it
-    (no request lost rows there) reuses that stage's metadata for the same group. A pure
-    decode step needs no repeat: every request has one row, at ``seq_len - 1``.
+    computed once for all its KV-cache groups, and the slot mappings on the device from each
+    group's block table. A stage whose view equals the stage before it (no request lost rows
+    there) reuses that stage's metadata for the same group; the other groups of a stage reuse its
+    first group's build with their own block table. A pure decode step copies only the stage's
+    sequence lengths: its query offsets are the runner's own and every request's one row sits at
+    ``seq_len - 1``.
     """
     from vllm.forward_context import get_forward_context
     from vllm.v1.attention.backend import CommonAttentionMetadata
@@ -113,6 +145,8 @@ def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> No
             if name in slot_mapping:
                 slot_mapping[name] = slot_mapping[name][: step.num_rows(0)]
     decode = not step.has_candidates and bool((step.query_lens[0] == 1).all())
+    if decode:  # the runner's own query offsets: one row per request in every stage
+        qsl_cpu, qsl_dev = runner.query_start_loc.cpu[: n + 1], runner.query_start_loc.gpu[: n + 1]
     previous: dict[int, tuple] = {}
     for stage in range(1, step.num_stages + 1):
         groups = _stage_groups(runner, runtime, stage)
@@ -124,40 +158,38 @@ def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> No
                 for name in group.layer_names:
                     metadata[name], slot_mapping[name] = built, slots_t
             continue
-        seq_lens = step.seq_lens[stage].astype(np.int32)
+        seq_cpu = torch.from_numpy(step.seq_lens[stage].astype(np.int32))
+        seq_dev = seq_cpu.to(device, non_blocking=True)
         if decode:
-            query_start_loc = np.arange(n + 1, dtype=np.int32)
-            kv_pos, req_of_row = step.seq_lens[stage] - 1, np.arange(n)
+            kv_pos = seq_dev.to(torch.int64) - 1
         else:
-            query_start_loc = step.query_start_loc(stage)
-            kv_pos = step.kv_positions(stage)
-            req_of_row = np.repeat(np.arange(n), step.query_lens[stage])
-        num_rows = int(query_start_loc[-1])
-        qsl_cpu, seq_cpu = torch.from_numpy(query_start_loc), torch.from_numpy(seq_lens)
-        qsl_dev, seq_dev = qsl_cpu.to(device, non_blocking=True), seq_cpu.to(device, non_blocking=True)
-        max_query_len, max_seq_len = int(step.query_lens[stage].max()), int(seq_lens.max())
-        current = {}
+            qsl_cpu = torch.from_numpy(step.query_start_loc(stage))
+            qsl_dev = qsl_cpu.to(device, non_blocking=True)
+            kv_pos = torch.from_numpy(step.kv_positions(stage)).to(device, non_blocking=True)
+        num_rows = int(kv_pos.shape[0])
+        length = num_rows if step.has_candidates else max(num_rows, padded_len)
+        max_query_len, max_seq_len = int(step.query_lens[stage].max()), int(step.seq_lens[stage].max())
+        current, first = {}, None
         for gid, group in groups:
             table = batch.block_table[gid]
-            bs = table.block_size
-            slots = np.full(max(num_rows, 0 if step.has_candidates else padded_len), -1, dtype=np.int64)
-            slots[:num_rows] = table.block_table.np[req_of_row, kv_pos // bs] * bs + kv_pos % bs
-            slots_t = torch.from_numpy(slots).to(device, non_blocking=True)
-            cm = CommonAttentionMetadata(
-                query_start_loc=qsl_dev,
-                query_start_loc_cpu=qsl_cpu,
-                seq_lens=seq_dev,
-                seq_lens_cpu_upper_bound=seq_cpu,
-                num_reqs=n,
-                num_actual_tokens=num_rows,
-                max_query_len=max_query_len,
-                max_seq_len=max_seq_len,
-                block_table_tensor=table.get_device_tensor(n),
-                slot_mapping=slots_t,
-                causal=True,
-                is_prefilling=is_prefilling,
-            )
-            built = group.build_metadata(cm)
+            slots_t = _slot_mapping(table, qsl_dev, kv_pos, length)
+            block_table = table.get_device_tensor(n)
+            built = None if first is None else _retarget(group, first, block_table, slots_t)
+            if built is None:
+                built = first = group.build_metadata(CommonAttentionMetadata(
+                    query_start_loc=qsl_dev,
+                    query_start_loc_cpu=qsl_cpu,
+                    seq_lens=seq_dev,
+                    seq_lens_cpu_upper_bound=seq_cpu,
+                    num_reqs=n,
+                    num_actual_tokens=num_rows,
+                    max_query_len=max_query_len,
+                    max_seq_len=max_seq_len,
+                    block_table_tensor=block_table,
+                    slot_mapping=slots_t,
+                    causal=True,
+                    is_prefilling=is_prefilling,
+                ))
             current[gid] = (built, slots_t)
             for name in group.layer_names:
                 metadata[name], slot_mapping[name] = built, slots_t
