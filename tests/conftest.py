@@ -35,6 +35,11 @@ os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 REPO = Path(__file__).resolve().parents[1]
 ARCHS = ("llava", "llava-onevision", "qwen2-vl", "qwen2.5-vl")
 VIDEO_ARCHS = ("llava-onevision", "qwen2-vl", "qwen2.5-vl")
+# Issue 13's architectures: their own engine module (tests/test_engine_new_archs.py), not ARCHS' tests
+NEW_ARCHS = ("qwen3-vl", "qwen3-vl-moe", "llava-next")
+NEW_VIDEO_ARCHS = ("qwen3-vl", "qwen3-vl-moe")
+# Archs whose vLLM video input needs the metadata (fps: Qwen2.5-VL's temporal positions, Qwen3-VL's timestamps)
+VIDEO_METADATA_ARCHS = ("qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe")
 
 
 # ------------------------------------------------------------------------------------------ hooks
@@ -87,7 +92,7 @@ def ensure_model(arch: str, root: Path | None = None, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_models() -> dict[str, Path]:
-    return {arch: ensure_model(arch) for arch in ARCHS}
+    return {arch: ensure_model(arch) for arch in ARCHS + NEW_ARCHS}
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -138,8 +143,8 @@ def video_metadata(frames: np.ndarray, fps: float = VIDEO_FPS, for_vllm: bool = 
 
 
 def video_input(arch: str, frames: np.ndarray):
-    """What vLLM's ``multi_modal_data["video"]`` takes for ``arch`` (Qwen2.5-VL requires metadata)."""
-    return (frames, video_metadata(frames, for_vllm=True)) if arch == "qwen2.5-vl" else frames
+    """What vLLM's ``multi_modal_data["video"]`` takes for ``arch`` (Qwen2.5-VL, Qwen3-VL require metadata)."""
+    return (frames, video_metadata(frames, for_vllm=True)) if arch in VIDEO_METADATA_ARCHS else frames
 
 
 @lru_cache(maxsize=16)

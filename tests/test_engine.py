@@ -15,6 +15,7 @@ import os
 import pytest
 from conftest import (
     ARCHS,
+    NEW_VIDEO_ARCHS,
     VIDEO_ARCHS,
     greedy,
     llm_engine,
@@ -36,6 +37,9 @@ HF_ARCH = {
     "llava-onevision": "LlavaOnevisionForConditionalGeneration",
     "qwen2-vl": "Qwen2VLForConditionalGeneration",
     "qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3-vl": "Qwen3VLForConditionalGeneration",  # issue 13's: tests/test_engine_new_archs.py
+    "qwen3-vl-moe": "Qwen3VLMoeForConditionalGeneration",
+    "llava-next": "LlavaNextForConditionalGeneration",
 }
 TINY_DEPTH = 8
 IDENTITY = {"layers": [1, 4, 6], "keep_ratios": [1.0, 1.0, 1.0]}
@@ -52,7 +56,7 @@ def requests(arch: str, model_dir) -> dict[str, dict]:
                                  text="Compare the two pictures."),
         "text": mm_request(arch, model_dir, text="Tell me a long story about a lighthouse keeper."),
     }
-    if arch in VIDEO_ARCHS:
+    if arch in VIDEO_ARCHS + NEW_VIDEO_ARCHS:
         # 4 frames on Qwen2.5-VL: transformers 5.19 starts the text after a longer video at the
         # wrong M-RoPE position (see test_foundation), so the reference could not match vLLM.
         frames = make_video(frames=4 if arch == "qwen2.5-vl" else 8, seed=4)
@@ -73,7 +77,7 @@ def mixed_batch(arch: str, model_dir) -> list[dict]:
         mm_request(arch, model_dir, images=[make_image("large", 16)], text="Short."),
         mm_request(arch, model_dir, images=[make_image("wide", 17)], text="Describe. " + long_text),
     ]
-    if arch in VIDEO_ARCHS:
+    if arch in VIDEO_ARCHS + NEW_VIDEO_ARCHS:
         batch.append(mm_request(arch, model_dir, video=make_video(seed=18), text="Summarise the video."))
     return batch
 

@@ -6,7 +6,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from conftest import ARCHS, VIDEO_ARCHS, make_image, make_video, prompt, video_metadata
+from conftest import ARCHS, NEW_ARCHS, NEW_VIDEO_ARCHS, VIDEO_ARCHS, make_image, make_video, prompt, video_metadata
 
 from vllm_v2drop.tools.make_model import make_model
 
@@ -15,6 +15,9 @@ PLACEHOLDER = {  # (image token, video token) as they appear in the processed in
     "llava-onevision": ("<image>", "<video>"),
     "qwen2-vl": ("<|image_pad|>", "<|video_pad|>"),
     "qwen2.5-vl": ("<|image_pad|>", "<|video_pad|>"),
+    "qwen3-vl": ("<|image_pad|>", "<|video_pad|>"),
+    "qwen3-vl-moe": ("<|image_pad|>", "<|video_pad|>"),
+    "llava-next": ("<image>", None),
 }
 # Vision rows per input, as the processor lays them out (the numbers reported in the docs).
 EXPECTED_IMAGE_ROWS = {
@@ -22,15 +25,20 @@ EXPECTED_IMAGE_ROWS = {
     "llava-onevision": {"small": 336, "wide": 432, "large": 624},
     "qwen2-vl": {"small": 16, "wide": 24, "large": 48},
     "qwen2.5-vl": {"small": 16, "wide": 24, "large": 48},
+    "qwen3-vl": {"small": 16, "wide": 20, "large": 35},  # 32-pixel merged patches
+    "qwen3-vl-moe": {"small": 16, "wide": 20, "large": 35},
+    "llava-next": {"small": 88, "wide": 70, "large": 70},  # 16 base rows + any-res tiles + newline rows
 }
-EXPECTED_VIDEO_ROWS = {"llava-onevision": 129, "qwen2-vl": 64, "qwen2.5-vl": 64}
+# Qwen3-VL: 4 temporal patches x 16 rows, with a timestamp (text rows) before each
+EXPECTED_VIDEO_ROWS = {"llava-onevision": 129, "qwen2-vl": 64, "qwen2.5-vl": 64, "qwen3-vl": 64, "qwen3-vl-moe": 64}
+ALL_ARCHS = ARCHS + NEW_ARCHS
 
 
 def _hashes(d: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir()) if p.is_file()}
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_build_is_deterministic(arch, tmp_path):
     a = _hashes(make_model(arch, tmp_path / "a", seed=0))
     b = _hashes(make_model(arch, tmp_path / "b", seed=0))
@@ -55,6 +63,16 @@ def test_checkpoint_uses_published_key_names(tiny_models):
     for arch in ("qwen2-vl", "qwen2.5-vl"):
         k = keys(arch)
         assert "lm_head.weight" in k and "model.embed_tokens.weight" in k and "visual.patch_embed.proj.weight" in k
+    k = keys("llava-next")
+    assert "image_newline" in k and "language_model.lm_head.weight" in k
+    assert any(n.startswith("vision_tower.vision_model.encoder.layers.0.") for n in k)
+    for arch in ("qwen3-vl", "qwen3-vl-moe"):  # the published Qwen3-VL names (transformers 5's own)
+        k = keys(arch)
+        assert {"lm_head.weight", "model.language_model.embed_tokens.weight",
+                "model.visual.deepstack_merger_list.2.linear_fc2.weight"} <= k
+    with safe_open(tiny_models["qwen3-vl-moe"] / "model.safetensors", "pt") as f:  # fused experts, [E, in, out]
+        assert f.get_slice("model.language_model.layers.0.mlp.experts.gate_up_proj").get_shape() == [4, 128, 64]
+        assert f.get_slice("model.language_model.layers.0.mlp.experts.down_proj").get_shape() == [4, 32, 128]
 
 
 def _processed(arch: str, model_dir: Path, images=(), video=None):
@@ -77,17 +95,17 @@ def _processed(arch: str, model_dir: Path, images=(), video=None):
     return n_img, n_vid
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_vision_rows(arch, tiny_models):
     for name, expected in EXPECTED_IMAGE_ROWS[arch].items():
         n_img, _ = _processed(arch, tiny_models[arch], images=[make_image(name)])
         assert n_img == expected >= 16, (arch, name, n_img)
-    if arch in VIDEO_ARCHS:  # also shows the (torchvision-backed) video processor working
+    if arch in VIDEO_ARCHS + NEW_VIDEO_ARCHS:  # also shows the (torchvision-backed) video processor working
         _, n_vid = _processed(arch, tiny_models[arch], video=make_video())
         assert n_vid == EXPECTED_VIDEO_ROWS[arch] >= 16, (arch, n_vid)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_transformers_loads_offline(arch, tiny_models):
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor

@@ -23,8 +23,8 @@ from vllm_v2drop.reference import (
     random_score,
 )
 
-ARCHS = ("llava", "llava-onevision", "qwen2-vl", "qwen2.5-vl")
-VIDEO_ARCHS = ("llava-onevision", "qwen2-vl", "qwen2.5-vl")
+ARCHS = ("llava", "llava-onevision", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe", "llava-next")
+VIDEO_ARCHS = ("llava-onevision", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe")
 # LLaVA-1.5's schedule (layers 3, 17, 22 of 32) scaled to the tiny depth 8: round(l * 8 / 32) made
 # strictly increasing -> 3 -> 1, 17 -> 4, 22 -> 6 (5.5 rounds up to 6).
 TINY_LAYERS = [1, 4, 6]
@@ -46,7 +46,7 @@ def _video(seed: int, frames: int = 4, size: int = 64) -> np.ndarray:
 
 def _prompt(arch: str, n_images: int = 0, n_videos: int = 0, text: str = "describe what you see") -> str:
     """A prompt with the model's placeholders, in the style of each model's chat template."""
-    if arch == "llava":
+    if arch in ("llava", "llava-next"):
         return "USER: " + "<image>\n" * n_images + text + " ASSISTANT:"
     if arch == "llava-onevision":
         vis = "<image>" * n_images + "<video>" * n_videos
@@ -180,8 +180,14 @@ def test_no_drop_equals_model_generate(refs, arch, kind):
     assert plain.kv_lengths == [T] * ref.num_layers == ones.kv_lengths
     n_items = 2 if kind == "two-images" else 1
     assert len(plain.items) == n_items
+    ids, vision = plain.prompt_token_ids, set(ref.vision_token_ids)
     for (start, n0), stages in zip(ones.items, ones.kept):
-        assert stages == [list(range(start, start + n0))] * 3
+        # an item's rows: its first n0 vision rows (contiguous, except Qwen3-VL videos: see below)
+        assert stages == [[p for p in range(start, T) if ids[p] in vision][:n0]] * 3
+    if kind == "video" and arch.startswith("qwen3"):
+        # one item over one run per temporal patch; the timestamp text rows between runs are not candidates
+        runs = find_vision_runs(ids, [ref.video_token_id])
+        assert len(runs) > 1 and plain.items == [(runs[0][0], sum(n for _, n in runs))]
 
 
 # ------------------------------------------------------------------------------------ dropping
@@ -287,7 +293,7 @@ def test_batch_equals_single_requests(refs):
     assert batch[0].prompt_token_ids != batch[1].prompt_token_ids
 
 
-@pytest.mark.parametrize("arch", ["llava", "qwen2-vl"])
+@pytest.mark.parametrize("arch", ["llava", "qwen2-vl", "qwen3-vl"])
 def test_compaction_equals_masking(refs, arch):
     """Dropping rows == keeping every row but hiding the dropped ones as keys from their stage on.
 
@@ -295,7 +301,9 @@ def test_compaction_equals_masking(refs, arch):
     recomputes the whole sequence (prompt + tokens generated so far) through all layers, with the
     ORIGINAL positions (generated token t at ``T + t + rope_delta``), and layer l's mask hides, from
     every query, the prompt rows dropped at or before layer l. Its logits must match the reference's
-    at every step.
+    at every step. Qwen3-VL: DeepStack features are added to every vision row after layers
+    0-2 (TINY_LAYERS drop at layer 1, before the last of them); rows hidden from then on do
+    not matter.
     """
     steps = 4
     ref = refs(arch)
@@ -307,7 +315,8 @@ def test_compaction_equals_masking(refs, arch):
         (res,) = ref.generate([req], RefSchedule(TINY_LAYERS, TINY_RATIOS), steps)
     finally:
         del ref._logits
-    embeds, pos, delta = ref._embed(ref._process(req))
+    embeds, pos, delta, deepstack = ref._embed(ref._process(req))
+    assert len(deepstack) == (3 if arch == "qwen3-vl" else 0)
     T = embeds.shape[0]
     start, n0 = res.items[0]
     # dropped_at[p] = the layer from which prompt row p is hidden
@@ -336,6 +345,8 @@ def test_compaction_equals_masking(refs, arch):
                                       position_ids=None, past_key_values=None, use_cache=False)
                 if isinstance(x, tuple):
                     x = x[0]
+                if layer < len(deepstack):
+                    x = x + torch.cat([deepstack[layer], deepstack[layer].new_zeros(n - T, x.shape[-1])])
             logits = ref.model.lm_head(ref.lm.norm(x[:, -1:]))[0, -1]
         assert int(torch.argmax(logits)) == res.token_ids[step]
         torch.testing.assert_close(logits, seen[step], rtol=1e-4, atol=1e-4)

@@ -11,7 +11,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     mm = sub.add_parser("make-model", help="build a seeded random-weight VLM directory (no network)")
-    mm.add_argument("--arch", required=True, choices=["llava", "llava-onevision", "qwen2-vl", "qwen2.5-vl"])
+    from vllm_v2drop.tools.make_model import ARCHS
+
+    mm.add_argument("--arch", required=True, choices=ARCHS)
     mm.add_argument("--out", required=True, help="output directory")
     mm.add_argument("--seed", type=int, default=0)
     mm.add_argument("--size", choices=["tiny", "7b"], default="tiny")

@@ -51,6 +51,14 @@ Per architecture (transformers 5.x processors):
 - Qwen2-VL / Qwen2.5-VL: ``<|vision_start|>`` + run of ``<|image_pad|>`` (or
   ``<|video_pad|>``, all frames of a video in one run) + ``<|vision_end|>``;
   start/end are text rows, never dropped.
+- LLaVA-NeXT: like LLaVA-OneVision's images (base features, any-res tiles and
+  ``image_newline`` rows all on image-token rows).
+- Qwen3-VL (dense and MoE): images as Qwen2-VL. A video is, per temporal patch,
+  the timestamp text ``<t seconds>`` + ``<|vision_start|>`` + a run of
+  ``<|video_pad|>`` + ``<|vision_end|>``: one item spans several runs, and only
+  its ``<|video_pad|>`` rows are candidates (vLLM's ``is_embed`` rows). DeepStack:
+  the model adds visual features to the hidden states of the vision rows after
+  each of the first decoder layers; here they are added to the rows still present.
 """
 
 from __future__ import annotations
@@ -221,18 +229,19 @@ class V2DropReference:
 
     def __init__(self, model_dir, dtype=torch.float32, device="cpu"):
         from transformers import AutoConfig, AutoProcessor
-        from transformers import (
-            LlavaForConditionalGeneration,
-            LlavaOnevisionForConditionalGeneration,
-            Qwen2_5_VLForConditionalGeneration,
-            Qwen2VLForConditionalGeneration,
-        )
+        import transformers
 
         classes = {
-            "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
-            "LlavaOnevisionForConditionalGeneration": LlavaOnevisionForConditionalGeneration,
-            "Qwen2VLForConditionalGeneration": Qwen2VLForConditionalGeneration,
-            "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
+            name: getattr(transformers, name)
+            for name in (
+                "LlavaForConditionalGeneration",
+                "LlavaNextForConditionalGeneration",
+                "LlavaOnevisionForConditionalGeneration",
+                "Qwen2VLForConditionalGeneration",
+                "Qwen2_5_VLForConditionalGeneration",
+                "Qwen3VLForConditionalGeneration",
+                "Qwen3VLMoeForConditionalGeneration",
+            )
         }
         self.model_dir = Path(model_dir)
         config = AutoConfig.from_pretrained(self.model_dir)
@@ -241,6 +250,8 @@ class V2DropReference:
             raise ValueError(f"unsupported architecture {arch!r}; supported: {sorted(classes)}")
         self.arch = arch
         self.is_qwen = arch.startswith("Qwen")
+        # Qwen3-VL: a video's rows are one run per temporal patch, with timestamp text between
+        self.items_span_runs = arch.startswith("Qwen3")
         self.device = torch.device(device)
         self.dtype = dtype
         self.processor = AutoProcessor.from_pretrained(self.model_dir)
@@ -287,8 +298,8 @@ class V2DropReference:
             tok = self.video_token_id
         return int((out["input_ids"][0] == tok).sum())
 
-    def _items(self, ids: list[int], req: RefRequest) -> list[tuple[int, int]]:
-        """Per vision item, in prompt order: (first prompt position, number of rows)."""
+    def _items(self, ids: list[int], req: RefRequest) -> list[list[int]]:
+        """Per vision item, in prompt order: the prompt positions of its vision rows."""
         queues = {
             self.image_token_id: [self._rows_of_one("image", m) for m in req.images],
             self.video_token_id: [
@@ -296,27 +307,35 @@ class V2DropReference:
                 for i, m in enumerate(req.videos)
             ],
         }
-        items: list[tuple[int, int]] = []
+        items: list[list[int]] = []
+        open_kind, need = None, 0  # an item that continues in the next run (Qwen3-VL video)
         for start, length in find_vision_runs(ids, self.vision_token_ids):
-            queue = queues[ids[start]]
+            kind = ids[start]
+            if need and kind != open_kind:
+                raise ValueError(f"vision run at {start} interrupts an unfinished item")
+            queue = queues[kind]
             pos, end = start, start + length
             while pos < end:  # a run may hold several adjacent items of the same kind
-                if not queue:
-                    raise ValueError(f"vision run at {start} (length {length}) has more rows than its media")
-                n = queue.pop(0)
-                if pos + n > end:
+                if not need:
+                    if not queue:
+                        raise ValueError(f"vision run at {start} (length {length}) has more rows than its media")
+                    need, open_kind = queue.pop(0), kind
+                    items.append([])
+                take = min(need, end - pos)
+                if take < need and not self.items_span_runs:
                     raise ValueError(f"vision run at {start} (length {length}) does not split into whole items")
-                items.append((pos, n))
-                pos += n
-        if any(queues.values()):
+                items[-1].extend(range(pos, pos + take))
+                pos, need = pos + take, need - take
+        if need or any(queues.values()):
             raise ValueError("the prompt has fewer placeholders than images/videos")
         return items
 
     @torch.no_grad()
-    def _embed(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _embed(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, int, list[torch.Tensor]]:
         """Run the model's own multimodal forward up to its language model.
 
-        Returns (inputs_embeds (T, H), position_ids ((1, T) or (3, 1, T)), rope_delta).
+        Returns (inputs_embeds (T, H), position_ids ((1, T) or (3, 1, T)), rope_delta,
+        per DeepStack layer ``l`` the (T, H) rows added after layer ``l`` (Qwen3-VL; else none)).
         """
         captured: dict[str, Any] = {}
 
@@ -339,6 +358,12 @@ class V2DropReference:
             handle.remove()
         embeds = captured["inputs_embeds"][0]
         T = embeds.shape[0]
+        adds = []
+        mask = captured.get("visual_pos_masks")
+        for feats in captured.get("deepstack_visual_embeds") or ():
+            add = embeds.new_zeros(embeds.shape)
+            add[mask.reshape(-1)] = feats.to(embeds.dtype)
+            adds.append(add)
         pos = captured.get("position_ids")
         delta = 0
         if self.is_qwen:
@@ -353,7 +378,7 @@ class V2DropReference:
             if pos is None:
                 pos = torch.arange(T, device=self.device).view(1, -1)
             pos = pos.reshape(1, T)
-        return embeds, pos, delta
+        return embeds, pos, delta, adds
 
     # ------------------------------------------------------------------ decoder
 
@@ -390,11 +415,12 @@ class V2DropReference:
         inputs = self._process(req)
         ids = inputs["input_ids"][0].tolist()
         T = len(ids)
-        spans = self._items(ids, req)
         # the last prompt row is never a candidate
-        items = [(start, length - 1 if start + length == T else length) for start, length in spans]
+        spans = self._items(ids, req)
+        item_rows = [[p for p in rows if p != T - 1] for rows in spans]
+        items = [(span[0], len(rows)) for span, rows in zip(spans, item_rows)]
 
-        embeds, pos, delta = self._embed(inputs)
+        embeds, pos, delta, deepstack = self._embed(inputs)
         assert embeds.shape[0] == T
 
         stages: dict[int, tuple[int, float]] = {}
@@ -406,7 +432,7 @@ class V2DropReference:
         n_stages = len(schedule.layers) if schedule is not None else 0
 
         # per item: currently kept candidate positions, and the record of each stage
-        current = [list(range(start, start + n0)) for start, n0 in items]
+        current = [list(rows) for rows in item_rows]
         kept: list[list[list[int]]] = [[] for _ in items]
 
         present = list(range(T))  # original positions of the rows present at the current layer
@@ -435,6 +461,8 @@ class V2DropReference:
             rows_t = torch.tensor(present, dtype=torch.long, device=x.device)
             x_prev = x
             x = self._layer(layer, x, pos[..., rows_t], cache, causal=True)
+            if layer < len(deepstack):  # DeepStack: the rows still present get their features
+                x = x + deepstack[layer][rows_t]
             kv_lengths.append(len(present))
             assert cache.length(layer) == len(present)
 

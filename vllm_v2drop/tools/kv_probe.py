@@ -24,7 +24,8 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["kv_groups", "request_block_ids", "request_kv_rows", "written_kv_rows", "zero_kv_cache"]
+__all__ = ["kv_groups", "request_block_ids", "request_kv_rows", "request_kv_state", "written_kv_rows",
+           "zero_kv_cache"]
 
 
 def _layer_caches(worker) -> Iterator[tuple[int, object, str, torch.Tensor]]:
@@ -97,3 +98,9 @@ def request_kv_rows(worker, req_id: str) -> dict[str, int]:
         if len(blocks[gid]) else 0
         for gid, group, name, kv in _layer_caches(worker)
     }
+
+
+def request_kv_state(worker, req_id: str) -> tuple[dict[str, int], list[list[int]]]:
+    """:func:`request_kv_rows` and :func:`request_block_ids` of one moment (one call between two
+    engine steps), so that rows written and blocks held can be compared exactly."""
+    return request_kv_rows(worker, req_id), request_block_ids(worker, req_id)
