@@ -45,6 +45,7 @@ SERVER_ARGS = [
     "--model-impl", "v2drop", "--enforce-eager", "--dtype", "float32", "--max-model-len", "2048",
     "--block-size", str(BS), "--kv-cache-memory-bytes", str(64 << 20), "--seed", "0",
     "--limit-mm-per-prompt", json.dumps({"image": 2}),
+    "--no-enable-prefix-caching",  # the KV checks count each request's own blocks (no shared prefix blocks)
 ]
 
 
