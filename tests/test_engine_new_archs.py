@@ -136,6 +136,9 @@ def test_fidelity_with_reference(arch, model_dir, v2drop, reference):
         assert [(it["first"], it["rows"]) for it in rec["items"]] == ref.items, name
         assert [it["kept"] for it in rec["items"]] == ref.kept, name
         assert all(len(k[-1]) < it["rows"] for it, k in zip(rec["items"], ref.kept)), name  # it dropped
+        # candidates are embedding rows only (not the timestamp text rows of a Qwen3-VL video)
+        ids, vision = out.prompt_token_ids, set(reference.vision_token_ids)
+        assert all(ids[p] in vision for it in rec["items"] for p in it["kept"][0]), name
         assert list(out.outputs[0].token_ids) == ref.token_ids, name
 
 
