@@ -94,3 +94,15 @@ def test_refuses_speculative_decoding(tiny_models):
         speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3},
     )
     assert "V2Drop (--model-impl v2drop) cannot run with: speculative decoding" in msg
+
+
+@pytest.mark.parametrize("arch", ["qwen3-vl", "qwen3-vl-moe", "llava-next"])
+def test_model_impl_selects_new_architectures(tiny_models, arch):
+    cfg = engine_config(tiny_models[arch], model_impl="v2drop", dtype="float32")
+    assert cfg.model_config.architecture == ARCHITECTURES[cfg.model_config.hf_config.architectures[0]]
+    assert cfg.model_config.architecture.startswith("V2Drop")
+
+
+def test_refuses_vllm_video_pruning(tiny_models):
+    msg = startup_error(tiny_models["qwen3-vl"], model_impl="v2drop", dtype="float32", video_pruning_rate=0.5)
+    assert "cannot run with: vLLM's own video token pruning (--video-pruning-rate > 0)" in msg

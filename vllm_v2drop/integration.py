@@ -111,6 +111,10 @@ class V2DropConfigHook:
             refused.append("KV connectors / disaggregated prefill (--kv-transfer-config)")
         if getattr(vllm_config.parallel_config, "decode_context_parallel_size", 1) > 1:
             refused.append("decode context parallelism (--decode-context-parallel-size > 1)")
+        mm_config = getattr(vllm_config.model_config, "multimodal_config", None)
+        if mm_config is not None and mm_config.is_multimodal_pruning_enabled():
+            # Qwen3-VL's EVS: its video placeholders then mark timestamp text rows as embedding rows
+            refused.append("vLLM's own video token pruning (--video-pruning-rate > 0)")
         if refused:
             raise ValueError(
                 "V2Drop (--model-impl v2drop) cannot run with: " + "; ".join(refused)
