@@ -52,9 +52,11 @@ def test_model_impl_selects_the_v2drop_variant(arch, tiny_models):
 
 
 def test_forced_settings(tiny_models):
-    cfg = engine_config(tiny_models["qwen2-vl"], model_impl="v2drop", enable_prefix_caching=True)
-    assert cfg.cache_config.enable_prefix_caching is False
+    cfg = engine_config(tiny_models["qwen2-vl"], model_impl="v2drop")
+    assert cfg.cache_config.enable_prefix_caching is True  # vLLM's default stays (Level 1 prefix caching)
     assert cfg.scheduler_config.disable_chunked_mm_input is True
+    off = engine_config(tiny_models["qwen2-vl"], model_impl="v2drop", enable_prefix_caching=False)
+    assert off.cache_config.enable_prefix_caching is False
 
 
 def test_hf_overrides_select_a_variant(tiny_models):
@@ -62,7 +64,7 @@ def test_hf_overrides_select_a_variant(tiny_models):
         tiny_models["qwen2-vl"], hf_overrides={"architectures": ["V2DropQwen2VLForConditionalGeneration"]}
     )
     assert cfg.model_config.architecture == "V2DropQwen2VLForConditionalGeneration"
-    assert cfg.cache_config.enable_prefix_caching is False
+    assert cfg.scheduler_config.disable_chunked_mm_input is True
 
 
 def test_unsupported_architecture_fails_with_the_supported_list(tiny_models):

@@ -103,7 +103,8 @@ def test_startup_log_names_the_schedule(server):
     _, _, log_path = server
     lines = startup_lines(read_log(log_path))
     assert any(line.startswith("V2Drop: preset 'video-25'") and "layers [1, 5, 6]" in line for line in lines), lines
-    assert any(line.startswith("V2Drop forces: prefix caching off") for line in lines), lines
+    assert any(line.startswith("V2Drop forces: multimodal items never split") for line in lines), lines
+    assert any(line.startswith("V2Drop prefix caching: blocks before") for line in lines), lines
 
 
 def test_models_endpoint_lists_the_model(client, server):

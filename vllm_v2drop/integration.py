@@ -124,10 +124,9 @@ class V2DropConfigHook:
         schedule = resolve_schedule(vllm_config)  # raises V2DropConfigError with a clear message
 
         forced = []
-        cache_config = vllm_config.cache_config
-        if cache_config.enable_prefix_caching:
-            cache_config.enable_prefix_caching = False
-            forced.append("prefix caching off (compacted KV rows cannot be shared between requests)")
+        if vllm_config.cache_config.enable_prefix_caching:
+            logger.info("V2Drop prefix caching: blocks before a pruned request's first vision item are shared; "
+                        "text-only and unpruned requests cache as in stock vLLM")
         scheduler_config = vllm_config.scheduler_config
         if not scheduler_config.disable_chunked_mm_input:
             scheduler_config.disable_chunked_mm_input = True

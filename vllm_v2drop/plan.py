@@ -479,7 +479,8 @@ def plan_step(plans: Sequence[RequestPlan], num_computed: np.ndarray, num_schedu
     seg_counts, seg_request, seg_item = [], [], []
 
     for r, plan in enumerate(plans):
-        _check_whole_items(plan, r, int(num_computed[r]), int(ends[r]))
+        if plan.drops_anything:  # a plan that drops nothing ranks nothing (e.g. a prefix-cache hit ending in an item)
+            _check_whole_items(plan, r, int(num_computed[r]), int(ends[r]))
         for s in range(num_stages + 1):
             st = min(s, plan.num_stages)
             kv_starts[s, r] = plan.compact_len(st, int(num_computed[r]))

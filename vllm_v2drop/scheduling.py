@@ -67,3 +67,7 @@ def install() -> None:
 
     _try_schedule_encoder_inputs.__v2drop__ = True
     Scheduler._try_schedule_encoder_inputs = _try_schedule_encoder_inputs
+
+    from vllm_v2drop.kv.manager import install_scheduler_hooks
+
+    install_scheduler_hooks()  # the KV cache side: per-request plans, per_stage counts, prefix caching

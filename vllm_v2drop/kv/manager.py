@@ -17,8 +17,14 @@ and dropped when the request finishes (kept across preemption: a resumed
 request has the same plan). A request the registry does not know gets the
 original count, a superset: never fewer blocks than the worker writes to.
 
-Prefix caching is forced off for V2Drop (compacted rows are not prefix blocks),
-so the managers never hash or share blocks.
+Prefix caching (both kv modes): layers after a drop store a request's rows compacted,
+so a block holds the same rows in every layer only before the request's first
+vision item. The coordinator caches (``cache_blocks``) and looks up
+(``find_longest_cache_hit``) a request whose plan drops rows only up to that
+item; requests that drop nothing (text-only, ``v2drop_off``) cache and hit as in
+stock vLLM. A block shared between two requests therefore always holds the
+prompt's own rows in every layer, and vLLM's prefix-cache metrics count exactly
+the hits served.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ class StagePlans:
     def __init__(self, schedule) -> None:
         self.schedule = schedule
         self.plans: dict = {}
+        self.cache_limits: dict[str, int] = {}  # requests whose plan drops rows: their first item's start
 
     def register(self, request) -> None:
         if request.request_id in self.plans:
@@ -46,10 +53,19 @@ class StagePlans:
 
         view = request_view(request.request_id, request.num_prompt_tokens, request.mm_features,
                             request.sampling_params)
-        self.plans[view.req_id] = plan_for(self.schedule, view)
+        self.plans[view.req_id] = plan = plan_for(self.schedule, view)
+        if plan.drops_anything:
+            self.cache_limits[view.req_id] = plan.summary[0]
 
     def forget(self, request_id: str) -> None:
         self.plans.pop(request_id, None)
+        self.cache_limits.pop(request_id, None)
+
+    def cache_limit(self, request) -> int | None:
+        """How far the request's KV blocks are laid out the same in every layer (prefix-cacheable):
+        up to its first vision item when its plan drops rows, everywhere (None) otherwise."""
+        self.register(request)
+        return self.cache_limits.get(request.request_id)
 
     def compact_len(self, request_id: str, stage: int, num_tokens: int) -> int:
         plan = self.plans.get(request_id)
@@ -87,10 +103,6 @@ class V2DropStageManager(FullAttentionManager):
         external = c(num_local_computed_tokens + num_external_computed_tokens) - local
         super().allocate_external_computed_blocks(request_id, local, external, record_for_zeroing)
 
-    def cache_blocks(self, request, num_tokens: int, retention_interval=None, *, replay_boundaries) -> None:
-        # Compacted rows are not the prompt's token blocks: never publish them as prefix hits.
-        return
-
 
 class V2DropCoordinator(KVCacheCoordinator):
     """vLLM's KV-cache coordinator of a pool with V2Drop stage groups (its two per-step calls).
@@ -104,6 +116,7 @@ class V2DropCoordinator(KVCacheCoordinator):
 
     _v2drop_plans: StagePlans
     _v2drop_stages: tuple[int, ...]  # stage of each group (0, i.e. original counts, for a non-V2Drop group)
+    _v2drop_hit_cap: int | None  # set while KVCacheManager.get_computed_blocks looks up one request
 
     def get_num_blocks_to_allocate(
         self,
@@ -119,8 +132,7 @@ class V2DropCoordinator(KVCacheCoordinator):
     ) -> int:
         plan = self._v2drop_plans.plans.get(request_id)
         if plan is None or not plan.pruned:
-            return KVCacheCoordinator.get_num_blocks_to_allocate(
-                self,
+            return super(type(self), self).get_num_blocks_to_allocate(
                 request_id, num_tokens, new_computed_blocks, num_encoder_tokens, total_computed_tokens,
                 num_local_computed_tokens, num_tokens_main_model, apply_admission_cap, prefill_end,
             )
@@ -143,7 +155,7 @@ class V2DropCoordinator(KVCacheCoordinator):
                             num_encoder_tokens: int = 0) -> tuple[list, ...]:
         plan = self._v2drop_plans.plans.get(request_id)
         if plan is None or not plan.pruned:
-            return KVCacheCoordinator.allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model, num_encoder_tokens)
+            return super(type(self), self).allocate_new_blocks(request_id, num_tokens, num_tokens_main_model, num_encoder_tokens)
         n = plan.compact_lens(num_tokens)
         main = n if num_tokens_main_model == num_tokens else plan.compact_lens(num_tokens_main_model)
         return tuple(
@@ -151,46 +163,72 @@ class V2DropCoordinator(KVCacheCoordinator):
             for manager, s in zip(self.single_type_managers, self._v2drop_stages)
         )
 
+    # Prefix caching, both kv modes: a block is shared only where every layer holds the prompt's own
+    # rows, i.e. before the first vision item of a request whose plan drops rows (Level 1).
+    def find_longest_cache_hit(self, block_hashes, max_cache_hit_length: int):
+        cap = self._v2drop_hit_cap
+        if cap is not None and cap < max_cache_hit_length:
+            max_cache_hit_length = cap
+        return super(type(self), self).find_longest_cache_hit(block_hashes, max_cache_hit_length)
+
+    def cache_blocks(self, request, num_computed_tokens: int) -> None:
+        cap = self._v2drop_plans.cache_limit(request)
+        if cap is not None and cap < num_computed_tokens:
+            num_computed_tokens = cap
+        return super(type(self), self).cache_blocks(request, num_computed_tokens)
+
     @classmethod
-    def adopt(cls, coordinator) -> bool:
-        """Give ``coordinator`` these two methods if its pool has V2Drop stage groups.
+    def adopt(cls, coordinator, schedule) -> None:
+        """Make ``coordinator`` (vLLM's, of a V2Drop engine) a V2Drop coordinator: the caching methods
+        always, the compaction methods where its pool has V2Drop stage groups (``kv_mode: per_stage``).
 
         vLLM picks the coordinator class (with or without prefix caching, hybrid or not); the
         instance becomes a subclass of its own class with these methods (a class of the same
         object layout, which ``__class__`` assignment requires, hence no mixin).
         """
         managers = coordinator.single_type_managers
-        if not any(isinstance(m, V2DropStageManager) for m in managers):
-            return False
+        per_stage = any(isinstance(m, V2DropStageManager) for m in managers)
         base = type(coordinator)
         if base not in _coordinator_classes.values():
-            methods = {k: cls.__dict__[k] for k in ("get_num_blocks_to_allocate", "allocate_new_blocks")}
-            coordinator.__class__ = _coordinator_classes.setdefault(base, type(f"V2Drop{base.__name__}", (base,), methods))
-        coordinator._v2drop_plans = StagePlans.of(coordinator.block_pool)
+            names = ["find_longest_cache_hit", "cache_blocks"]
+            names += ["get_num_blocks_to_allocate", "allocate_new_blocks"] if per_stage else []
+            key = (base, per_stage)
+            if key not in _coordinator_classes:
+                _coordinator_classes[key] = type(f"V2Drop{base.__name__}", (base,), {k: cls.__dict__[k] for k in names})
+            coordinator.__class__ = _coordinator_classes[key]
+        plans = StagePlans.of(coordinator.block_pool)
+        if plans is None:
+            plans = coordinator.block_pool._v2drop_plans = StagePlans(schedule)
+        coordinator._v2drop_plans, coordinator._v2drop_hit_cap = plans, None
         coordinator._v2drop_stages = tuple(getattr(m, "stage", 0) for m in managers)
-        return True
 
 
-_coordinator_classes: dict[type, type] = {}
+_coordinator_classes: dict[tuple[type, bool], type] = {}
 _hooks_installed = False
 
 
 def install_scheduler_hooks() -> None:
-    """Wrap :class:`KVCacheManager` so the V2Drop managers know each request's plan.
+    """Wrap vLLM's scheduler and :class:`KVCacheManager` so a V2Drop engine's KV cache knows each
+    request's plan.
 
-    ``allocate_slots`` is the only place where the scheduler hands the KV manager
-    the ``Request`` itself; ``free`` / ``pop_blocks_for_free`` drop the plan of a
-    finished request. The wrappers do nothing for a pool without V2Drop managers.
+    ``Scheduler.__init__`` makes the KV-cache coordinator of a V2Drop engine a
+    :class:`V2DropCoordinator`. ``allocate_slots`` and ``get_computed_blocks`` are where the
+    scheduler hands the KV manager the ``Request`` itself (its plan is built there, once);
+    ``get_computed_blocks`` also caps the request's prefix-cache lookup; ``free`` /
+    ``pop_blocks_for_free`` drop the plan of a finished request. The wrappers do nothing for
+    other models.
     """
     global _hooks_installed
     if _hooks_installed:
         return
     _hooks_installed = True
     from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.sched.scheduler import Scheduler
 
-    init, allocate_slots, free, pop_blocks_for_free = (
-        KVCacheManager.__init__,
+    init, allocate_slots, get_computed_blocks, free, pop_blocks_for_free = (
+        Scheduler.__init__,
         KVCacheManager.allocate_slots,
+        KVCacheManager.get_computed_blocks,
         KVCacheManager.free,
         KVCacheManager.pop_blocks_for_free,
     )
@@ -198,7 +236,10 @@ def install_scheduler_hooks() -> None:
     @functools.wraps(init)
     def _init(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        V2DropCoordinator.adopt(self.coordinator)
+        from vllm_v2drop.integration import V2DROP_ARCHITECTURES, resolve_schedule
+
+        if getattr(self.vllm_config.model_config, "architecture", None) in V2DROP_ARCHITECTURES:
+            V2DropCoordinator.adopt(self.kv_cache_manager.coordinator, resolve_schedule(self.vllm_config))
 
     @functools.wraps(allocate_slots)
     def _allocate_slots(self, request, *args, **kwargs):
@@ -206,6 +247,17 @@ def install_scheduler_hooks() -> None:
         if plans is not None:
             plans.register(request)
         return allocate_slots(self, request, *args, **kwargs)
+
+    @functools.wraps(get_computed_blocks)
+    def _get_computed_blocks(self, request):
+        plans = StagePlans.of(self.block_pool)
+        if plans is None:
+            return get_computed_blocks(self, request)
+        self.coordinator._v2drop_hit_cap = plans.cache_limit(request)
+        try:
+            return get_computed_blocks(self, request)
+        finally:
+            self.coordinator._v2drop_hit_cap = None
 
     def _forget(self, request) -> None:
         plans = StagePlans.of(self.block_pool)
@@ -226,7 +278,8 @@ def install_scheduler_hooks() -> None:
         finally:
             _forget(self, request)
 
-    KVCacheManager.__init__ = _init
+    Scheduler.__init__ = _init
     KVCacheManager.allocate_slots = _allocate_slots
+    KVCacheManager.get_computed_blocks = _get_computed_blocks
     KVCacheManager.free = _free
     KVCacheManager.pop_blocks_for_free = _pop_blocks_for_free
