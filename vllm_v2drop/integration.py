@@ -105,8 +105,6 @@ class V2DropConfigHook:
         refused = []
         if vllm_config.speculative_config is not None:
             refused.append("speculative decoding (--speculative-config)")
-        if vllm_config.parallel_config.pipeline_parallel_size > 1:
-            refused.append("pipeline parallelism (--pipeline-parallel-size > 1)")
         if vllm_config.kv_transfer_config is not None:
             refused.append("KV connectors / disaggregated prefill (--kv-transfer-config)")
         if getattr(vllm_config.parallel_config, "decode_context_parallel_size", 1) > 1:

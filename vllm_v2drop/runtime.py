@@ -27,6 +27,9 @@ from vllm_v2drop.plan import BatchPlanner, RequestPlan, StepPlan, stage_of_layer
 
 logger = logging.getLogger("vllm.v2drop")
 
+#: The extra ``IntermediateTensors`` key that tells a pipeline rank which step rows it received.
+ROWS_KEY = "v2drop_rows"
+
 
 @dataclass(frozen=True)
 class VisionItem:
@@ -68,6 +71,29 @@ class DropStep:
     sizes: list[torch.Tensor]  # per stage s>=1: rows per segment before the stage
     batch: BatchView | None = None
     kept_log: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    kept_layers: list[int] = field(default_factory=list)  # the stage layer of each kept_log entry
+
+
+def same_on_every_rank(idx_kept: torch.Tensor) -> torch.Tensor:
+    """The kept rows of tensor-parallel rank 0, on every rank of its group (in place).
+
+    Every rank scores the same replicated residual stream, so the ranks agree whenever
+    their all-reduces are bitwise identical across ranks and their norm kernels run the
+    same reduction order. Neither is promised by every backend (quantised all-reduces,
+    per-rank thread counts on CPU), and a single flipped near-tie would make the ranks
+    cache and all-reduce different rows, silently. So rank 0 decides: one broadcast of
+    ``num_kept`` indices per stage of a step that drops (the size is the host plan's,
+    known on every rank), nothing on steps without drops or with one rank.
+    """
+    try:
+        from vllm.distributed import get_tp_group
+
+        tp = get_tp_group()
+    except (AssertionError, ImportError):  # no vLLM distributed state (unit tests)
+        return idx_kept
+    if tp.world_size > 1:
+        tp.broadcast(idx_kept, src=0)
+    return idx_kept
 
 
 def item_positions(mm_position) -> np.ndarray:
@@ -133,10 +159,13 @@ def plan_for(schedule: ResolvedSchedule, req: RequestView) -> RequestPlan:
 class V2DropRuntime:
     """Owns the schedule, the per-request plans, and the decoder loop with drops."""
 
-    def __init__(self, schedule: ResolvedSchedule, layer_names: Sequence[str]):
+    def __init__(self, schedule: ResolvedSchedule, layer_names: Sequence[str], first_layer: int = 0):
+        """``layer_names``: the attention layers of decoder layers ``first_layer ..`` on this rank
+        (a pipeline-parallel rank holds a slice of the decoder)."""
         self.schedule = schedule
         self.layer_names = list(layer_names)
-        self.stage_of_layer = stage_of_layer(schedule.layers, len(layer_names))
+        stages = stage_of_layer(schedule.layers, max(schedule.num_layers, first_layer + len(layer_names)))
+        self.stage_of_layer = stages[first_layer : first_layer + len(layer_names)]
         self.planner = BatchPlanner(len(schedule.layers), self._plan_of)
         self._describe: Callable[[str], RequestView] | None = None
         self._pending_trace: dict[str, dict[int, dict]] = {}
@@ -197,7 +226,7 @@ class V2DropRuntime:
         return drop
 
     def forward(self, lm: torch.nn.Module, drop: DropStep, input_ids, positions, inputs_embeds,
-                adds_after: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
+                adds_after: Mapping[int, torch.Tensor] | None = None, intermediate_tensors=None):
         """Run vLLM's decoder layers eagerly, cutting each item's vision rows at each stage.
 
         ``lm`` is the VLM's inner ``LlamaModel`` / ``Qwen2Model``. The residual
@@ -211,37 +240,76 @@ class V2DropRuntime:
 
         ``adds_after[l]`` (one row per step row) is added to the hidden states after layer
         ``l``, on the rows still present (Qwen3-VL's DeepStack visual features).
+
+        Pipeline parallelism: this rank runs decoder layers ``lm.start_layer .. lm.end_layer - 1``
+        and the stages whose drop falls in ``(start_layer, end_layer]``: a stage that starts at
+        the next rank's first layer is cut here, where its score's two inputs are. A rank that
+        is not the last returns ``IntermediateTensors`` of the step's full row count whose first
+        ``n`` rows are the rows still present (``n`` is the host plan's count for the next rank's
+        first stage, so every rank knows it ahead), and :data:`ROWS_KEY` says which step rows
+        they are; the next rank reads them back from ``intermediate_tensors``.
         """
         sched = self.schedule
-        hidden = inputs_embeds if inputs_embeds is not None else lm.embed_input_ids(input_ids)
-        num_padded, num_rows = hidden.shape[0], drop.segment.shape[0]
-        hidden, positions = hidden[:num_rows], positions[..., :num_rows]
-        residual = None
-        rows = torch.arange(num_rows, device=hidden.device)
-        segment, token_index = drop.segment, drop.token_index
         stage_at = {layer: s + 1 for s, layer in enumerate(sched.layers)}
+        if intermediate_tensors is None:
+            hidden = inputs_embeds if inputs_embeds is not None else lm.embed_input_ids(input_ids)
+            num_padded, num_rows = hidden.shape[0], drop.segment.shape[0]
+            hidden, positions = hidden[:num_rows], positions[..., :num_rows]
+            residual = None
+            rows = torch.arange(num_rows, device=hidden.device)
+            segment, token_index = drop.segment, drop.token_index
+        else:  # a later pipeline stage: the rows the previous rank kept
+            n = drop.plan.num_rows(sum(1 for layer in sched.layers if layer <= lm.start_layer))
+            hidden = intermediate_tensors["hidden_states"]
+            num_padded = hidden.shape[0]
+            rows = intermediate_tensors[ROWS_KEY][:n]
+            hidden, residual = hidden[:n], intermediate_tensors["residual"][:n]
+            positions = positions[..., rows]
+            segment, token_index = drop.segment[rows], drop.token_index[rows]
         x_prev = None
+
+        def cut(s):  # drop stage s's rows before layer sched.layers[s - 1]
+            nonlocal hidden, residual, rows, positions, segment, token_index
+            x_cur = hidden + residual
+            scores = stage_scores(sched.metric, x_cur, x_prev, seed=sched.seed, stage=s, token_index=token_index)
+            keep = segmented_topk_keep(scores, segment, drop.keep[s - 1], drop.sizes[s - 1])
+            idx_kept = same_on_every_rank(kept_rows(keep, drop.plan.num_rows(s)))
+            hidden, residual, rows = hidden[idx_kept], residual[idx_kept], rows[idx_kept]
+            positions = positions[..., idx_kept]
+            segment, token_index = segment[idx_kept], token_index[idx_kept]
+            if sched.trace:
+                drop.kept_log.append((segment, token_index))
+                drop.kept_layers.append(sched.layers[s - 1])
+
         for idx in range(lm.start_layer, lm.end_layer):
             s = stage_at.get(idx)
-            if s is not None:
-                x_cur = hidden + residual
-                scores = stage_scores(sched.metric, x_cur, x_prev, seed=sched.seed, stage=s, token_index=token_index)
-                keep = segmented_topk_keep(scores, segment, drop.keep[s - 1], drop.sizes[s - 1])
-                idx_kept = kept_rows(keep, drop.plan.num_rows(s))
-                hidden, residual, rows = hidden[idx_kept], residual[idx_kept], rows[idx_kept]
-                positions = positions[..., idx_kept]
-                segment, token_index = segment[idx_kept], token_index[idx_kept]
-                if sched.trace:
-                    drop.kept_log.append((segment, token_index))
+            if s is not None and idx != lm.start_layer:  # at start_layer: cut by the previous rank
+                cut(s)
             if idx + 1 in stage_at:
                 x_prev = hidden if residual is None else hidden + residual
             hidden, residual = lm.layers[idx](positions, hidden, residual)
             add = adds_after.get(idx) if adds_after else None
             if add is not None:
                 hidden = hidden + add[rows]
+        if lm.end_layer < sched.num_layers:  # not the last pipeline rank
+            if lm.end_layer in stage_at:
+                cut(stage_at[lm.end_layer])
+            return self._to_next_rank(hidden, residual, rows, num_padded)
         hidden, _ = lm.norm(hidden, residual)
         out = hidden.new_zeros((num_padded, hidden.shape[-1]))
         return out.index_copy_(0, rows, hidden)
+
+    @staticmethod
+    def _to_next_rank(hidden, residual, rows, num_padded: int):
+        """What a pipeline rank hands on: the present rows first, in shapes of the whole step."""
+        from vllm.sequence import IntermediateTensors
+
+        n = rows.shape[0]
+        out = {"hidden_states": hidden.new_zeros((num_padded, hidden.shape[-1])),
+               "residual": residual.new_zeros((num_padded, residual.shape[-1])),
+               ROWS_KEY: rows.new_zeros(num_padded)}
+        out["hidden_states"][:n], out["residual"][:n], out[ROWS_KEY][:n] = hidden, residual, rows
+        return IntermediateTensors(out)
 
     # ---- observability -------------------------------------------------------------------------
     def _log_requests(self, batch: BatchView, step: StepPlan) -> None:
@@ -268,8 +336,11 @@ class V2DropRuntime:
     def _write_trace(self, drop: DropStep) -> None:
         """Append one JSON line per finished request: its items and the rows each stage kept.
 
-        Reads the kept rows back to the host (a sync): only when ``trace`` is set.
+        Reads the kept rows back to the host (a sync): only when ``trace`` is set. ``layers``
+        are the stages this rank cut (all of them, but for a pipeline-parallel rank).
         """
+        if not drop.kept_log:  # a pipeline rank without stages
+            return
         plan = drop.plan
         logs = [(seg.cpu().numpy(), tok.cpu().numpy()) for seg, tok in drop.kept_log]
         batch = drop.batch
@@ -285,7 +356,7 @@ class V2DropRuntime:
             if item == rplan.num_items - 1:
                 items = [e for _, e in sorted(self._pending_trace.pop(req.req_id).items())]
                 os.makedirs(sched_dir := self.schedule.trace, exist_ok=True)
-                line = json.dumps({"request_id": req.req_id, "layers": list(self.schedule.layers), "items": items})
+                line = json.dumps({"request_id": req.req_id, "layers": drop.kept_layers, "items": items})
                 with open(os.path.join(sched_dir, f"v2drop-trace-{os.getpid()}.jsonl"), "a") as f:
                     f.write(line + "\n")
         for gone in [k for k in self._pending_trace if k not in self.planner.plans]:  # finished or aborted

@@ -53,23 +53,37 @@ class V2DropMixin:
 
         lm = self.v2drop_decoder()
         names = [layer.self_attn.attn.layer_name for layer in lm.layers[lm.start_layer : lm.end_layer]]
-        self.v2drop_runtime = V2DropRuntime(resolve_schedule(vllm_config), names)
+        self.v2drop_runtime = V2DropRuntime(resolve_schedule(vllm_config), names, first_layer=lm.start_layer)
         if self.v2drop_runtime.schedule.kv_mode == "per_stage" and self.v2drop_runtime.schedule.layers:
             from vllm_v2drop.kv import install_stage_specs  # one KV-cache group per stage
 
             attns = [layer.self_attn.attn for layer in lm.layers[lm.start_layer : lm.end_layer]]
             install_stage_specs(attns, self.v2drop_runtime.stage_of_layer, self.v2drop_runtime.schedule)
         v1.install()
+        if vllm_config.parallel_config.pipeline_parallel_size > 1:
+            # a later pipeline rank also receives which step rows the previous rank kept
+            from vllm_v2drop.runtime import ROWS_KEY
+
+            make_empty = self.make_empty_intermediate_tensors
+
+            def make_empty_intermediate_tensors(batch_size, dtype, device):
+                tensors = make_empty(batch_size, dtype, device)
+                tensors[ROWS_KEY] = torch.zeros(batch_size, dtype=torch.int64, device=device)
+                return tensors
+
+            self.make_empty_intermediate_tensors = make_empty_intermediate_tensors
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         num_tokens = (inputs_embeds if inputs_embeds is not None else input_ids).shape[0]
         drop = self.v2drop_runtime.current(num_tokens)
-        if drop is None or intermediate_tensors is not None:
+        if drop is None:
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        if intermediate_tensors is not None:  # a later pipeline rank: no embeddings here
+            inputs_embeds = None
         try:
             adds = self.v2drop_adds_after(inputs_embeds)
             return self.v2drop_runtime.forward(self.v2drop_decoder(), drop, input_ids, positions, inputs_embeds,
-                                               adds_after=adds)
+                                               adds_after=adds, intermediate_tensors=intermediate_tensors)
         finally:
             self.v2drop_forward_done(inputs_embeds)
 
