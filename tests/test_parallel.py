@@ -13,7 +13,9 @@ trace; PP ranks each record their own stages, merged here by layer.
 * TP=2 also runs once with its second rank scoring the opposite way (it would keep the LEAST
   active rows): the kept rows are still rank 0's on both ranks and the tokens are unchanged,
   since rank 0 decides and broadcasts (``runtime.same_on_every_rank``).
-* TP=2 with ``kv_mode: per_stage``: blocks in use equal the plan (vLLM's usage metric).
+* TP=2 with ``kv_mode: per_stage``: blocks in use equal the plan (vLLM's usage metric; prefix
+  caching off there, so that identical prompts hold their own blocks; the other engines keep
+  vLLM's default, on).
 * PP=2 runs with torch.compile on: vLLM 0.32's CPU runner with ``enforce_eager`` and PP > 1
   fails in stock vLLM too (no intermediate-tensor buffers without a warm-up run).
 * DP=2 through ``vllm serve``: a burst of concurrent chats, each answered as the TP=1 engine
@@ -50,7 +52,7 @@ BS = 32
 SCHEDULE = {"layers": [1, 4, 6], "keep_ratios": [0.667, 0.5, 0.0]}  # stage 2 at PP=2's rank boundary
 MAX_TOKENS = 12
 BIND = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # one core per rank (local ranks of TP x PP, or of DP)
-ENGINE = dict(block_size=BS, max_model_len=1024, enable_prefix_caching=False, kv_cache_memory_bytes=64 << 20)
+ENGINE = dict(block_size=BS, max_model_len=1024, kv_cache_memory_bytes=64 << 20)  # prefix caching: vLLM's default
 INFLIGHT = 3
 
 
@@ -226,8 +228,8 @@ def tp2_per_stage(model_dir):
 
     from vllm_v2drop.tools.kv_probe import kv_groups
 
-    with parallel_engine(model_dir, tensor_parallel_size=2, disable_log_stats=False, max_num_batched_tokens=4096, **ENGINE,
-                    **_v2drop(kv_mode="per_stage")) as llm:
+    with parallel_engine(model_dir, tensor_parallel_size=2, disable_log_stats=False, max_num_batched_tokens=4096,
+                         enable_prefix_caching=False, **ENGINE, **_v2drop(kv_mode="per_stage")) as llm:
         groups = llm.collective_rpc(kv_groups)
         engine, pool = llm.llm_engine, groups[0][0]["num_blocks"]
         params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
