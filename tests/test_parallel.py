@@ -13,9 +13,9 @@ trace; PP ranks each record their own stages, merged here by layer.
 * TP=2 also runs once with its second rank scoring the opposite way (it would keep the LEAST
   active rows): the kept rows are still rank 0's on both ranks and the tokens are unchanged,
   since rank 0 decides and broadcasts (``runtime.same_on_every_rank``).
-* TP=2 with ``kv_mode: per_stage``: blocks in use equal the plan (vLLM's usage metric; prefix
-  caching off there, so that identical prompts hold their own blocks; the other engines keep
-  vLLM's default, on).
+* TP=2 and PP=2 with ``kv_mode: per_stage``: blocks in use equal the plan (vLLM's usage metric;
+  prefix caching off there, so that identical prompts hold their own blocks; the other engines
+  keep vLLM's default, on).
 * PP=2 runs with torch.compile on: vLLM 0.32's CPU runner with ``enforce_eager`` and PP > 1
   fails in stock vLLM too (no intermediate-tensor buffers without a warm-up run).
 * DP=2 through ``vllm serve``: a burst of concurrent chats, each answered as the TP=1 engine
@@ -221,15 +221,15 @@ def _image_request(model_dir) -> dict:
             "multi_modal_data": {"image": make_image((336, 224), 1)}}
 
 
-@pytest.fixture(scope="module")
-def tp2_per_stage(model_dir):
-    """TP=2, ``kv_mode: per_stage``: blocks in use after every step of 3 identical image requests."""
+def per_stage_workload(model_dir, **parallel) -> dict:
+    """``kv_mode: per_stage``: every rank's KV groups, blocks in use after every step of 3 identical
+    image requests, and the named requests' tokens."""
     from vllm import SamplingParams
 
     from vllm_v2drop.tools.kv_probe import kv_groups
 
-    with parallel_engine(model_dir, tensor_parallel_size=2, disable_log_stats=False, max_num_batched_tokens=4096,
-                         enable_prefix_caching=False, **ENGINE, **_v2drop(kv_mode="per_stage")) as llm:
+    with parallel_engine(model_dir, disable_log_stats=False, max_num_batched_tokens=4096, **parallel,
+                         **{**ENGINE, "enable_prefix_caching": False}, **_v2drop(kv_mode="per_stage")) as llm:
         groups = llm.collective_rpc(kv_groups)
         engine, pool = llm.llm_engine, groups[0][0]["num_blocks"]
         params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -244,6 +244,16 @@ def tp2_per_stage(model_dir):
         res["tokens"] = dict(zip(named(model_dir), tokens(generate_each(llm, list(named(model_dir).values()),
                                                                          MAX_TOKENS))))
     return res
+
+
+@pytest.fixture(scope="module")
+def tp2_per_stage(model_dir):
+    return per_stage_workload(model_dir, tensor_parallel_size=2)
+
+
+@pytest.fixture(scope="module")
+def pp2_per_stage(model_dir):
+    return per_stage_workload(model_dir, pipeline_parallel_size=2, enforce_eager=False)
 
 
 # -------------------------------------------------------------------------------------- tests
@@ -286,11 +296,19 @@ def test_pp2_equals_tp1(single, pp2):
     assert layers == [(1, 4), (6,)]
 
 
-def test_tp2_per_stage_blocks_match_plan(single, tp2_per_stage, model_dir):
+@pytest.mark.parametrize("config", ["tp2_per_stage", "pp2_per_stage"])
+def test_per_stage_blocks_match_plan(single, config, model_dir, request):
+    """``kv_mode: per_stage`` with TP=2 and PP=2: the blocks in use are the plan's; one device's tokens."""
     from vllm_v2drop.plan import plan_request
 
-    res = tp2_per_stage
-    assert len(res["groups"]) == 2 and res["groups"][0] == res["groups"][1]  # same KV groups on both ranks
+    res = request.getfixturevalue(config)
+    assert len(res["groups"]) == 2
+    if config == "tp2_per_stage":
+        assert res["groups"][0] == res["groups"][1]  # the same KV groups on both ranks
+    else:  # the same groups (stages) on both ranks, each with its own layers in them
+        assert [g["stage"] for g in res["groups"][0]] == [g["stage"] for g in res["groups"][1]]
+        layers = [name for rank in res["groups"] for g in rank for name in g["layers"]]
+        assert len(layers) == len(set(layers)) == DEPTH
     groups = res["groups"][0]
     assert sorted({g["stage"] for g in groups}) == [0, 1, 2, 3]
     ids = np.asarray(res["prompt"])
