@@ -51,7 +51,18 @@ DEPTH = 8
 BS = 32
 SCHEDULE = {"layers": [1, 4, 6], "keep_ratios": [0.667, 0.5, 0.0]}  # stage 2 at PP=2's rank boundary
 MAX_TOKENS = 12
-BIND = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # one core per rank (local ranks of TP x PP, or of DP)
+
+
+def _two_core_lists() -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for 2 local ranks: this process's CPUs in two halves
+    (``0|1`` on a 2-core machine; both ranks on the one core of a 1-core machine)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    half = max(1, len(cpus) // 2)
+    first, second = cpus[:half], cpus[half:] or cpus[:half]
+    return "|".join(",".join(map(str, c)) for c in (first, second))
+
+
+BIND = {"VLLM_CPU_OMP_THREADS_BIND": _two_core_lists()}  # local ranks of TP x PP, or of DP
 ENGINE = dict(block_size=BS, max_model_len=1024, kv_cache_memory_bytes=64 << 20)  # prefix caching: vLLM's default
 INFLIGHT = 3
 
