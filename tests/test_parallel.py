@@ -180,6 +180,12 @@ def _contrarian(worker, on: bool) -> None:
     runtime.stage_scores = (lambda *a, **kw: -selection.stage_scores(*a, **kw)) if on else selection.stage_scores
 
 
+def _logs_requests(worker) -> bool:
+    from vllm_v2drop.runtime import logs_requests
+
+    return logs_requests()
+
+
 # ------------------------------------------------------------------------------------- engines
 
 
@@ -200,6 +206,7 @@ def tp2(model_dir, tmp_path_factory):
     trace = tmp_path_factory.mktemp("tp2")
     with parallel_engine(model_dir, tensor_parallel_size=2, **ENGINE, **_v2drop(trace)) as llm:
         res = run_workload(llm, model_dir)
+        res["logs"] = llm.collective_rpc(_logs_requests)
         llm.collective_rpc(_contrarian, args=(True,))
         try:
             outs = generate_each(llm, list(named(model_dir).values()), MAX_TOKENS)
@@ -218,6 +225,7 @@ def pp2(model_dir, tmp_path_factory):
     with parallel_engine(model_dir, pipeline_parallel_size=2, **{**ENGINE, "enforce_eager": False},
                     **_v2drop(trace)) as llm:
         res = run_workload(llm, model_dir)
+        res["logs"] = llm.collective_rpc(_logs_requests)
     res["ranks"], res["trace"] = traced(trace, res)
     return res
 
@@ -305,6 +313,11 @@ def test_pp2_equals_tp1(single, pp2):
     assert pp2["trace"] == single["trace"]
     layers = sorted({tuple(rec["layers"]) for rank in pp2["ranks"] for rec in rank.values()})
     assert layers == [(1, 4), (6,)]
+
+
+def test_one_rank_logs_requests(tp2, pp2):
+    """The per-request V2Drop log line comes from one worker of an engine, not from every rank."""
+    assert tp2["logs"] == pp2["logs"] == [True, False]
 
 
 @pytest.mark.parametrize("config", ["tp2_per_stage", "pp2_per_stage"])

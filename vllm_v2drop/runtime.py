@@ -96,6 +96,17 @@ def same_on_every_rank(idx_kept: torch.Tensor) -> torch.Tensor:
     return idx_kept
 
 
+def logs_requests() -> bool:
+    """Whether this worker writes the per-request log lines: the first rank of its engine
+    (tensor- and pipeline-parallel rank 0), so that each line appears once per engine."""
+    try:
+        from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank() == 0 and get_pp_group().is_first_rank
+    except (AssertionError, ImportError):  # no vLLM distributed state (unit tests)
+        return True
+
+
 def item_positions(mm_position) -> np.ndarray:
     """Prompt positions of one placeholder's embedding rows (``is_embed`` rows only, when given)."""
     rows = np.arange(mm_position.offset, mm_position.offset + mm_position.length, dtype=np.int64)
@@ -190,7 +201,7 @@ class V2DropRuntime:
         self._describe = batch.describe
         self.planner.sync(batch.req_ids)
         step = self.planner.plan(batch.num_computed, batch.num_scheduled)
-        if step is not None and step.has_candidates:
+        if step is not None and step.has_candidates and logs_requests():
             self._log_requests(batch, step)
         return step
 
