@@ -96,7 +96,7 @@ def video_part(url: str) -> dict:
 
 # ------------------------------------------------------------------------------ server log parsing
 
-STARTUP_RE = re.compile(r"(?P<text>V2Drop(?: forces)?: .*)$")
+STARTUP_RE = re.compile(r"(?P<text>V2Drop(?: forces| prefix caching)?: .*)$")
 REQUEST_RE = re.compile(
     r"V2Drop request (?P<id>\S+): (?P<rows>\d+) vision rows in (?P<items>\d+) item\(s\); "
     r"rows per stage (?P<stages>[\d >-]+?) \(layers \[(?P<layers>[\d, ]*)\]\); "
