@@ -9,12 +9,13 @@ times ``--steps`` pure decode steps with wrappers around:
 
 * worker, V2Drop: ``V2DropRuntime.plan_step`` (planning) and ``runner.v1.install_stage_metadata``
   (per-stage attention metadata and slot mappings), together ``v2drop_worker_ms``;
-* scheduler, V2Drop (per_stage): the V2Drop coordinator's compact counts and request registration
-  (``StagePlans``), ``v2drop_sched_ms``: the coordinator's part measured as its per-step calls
-  against vLLM's own coordinator on the same requests (``coordinator_added_ms``), and, as
-  ``v2drop_sched_upper_ms``, everything in its calls but the managers' (vLLM's own loop over the
-  groups included); and the whole ``Scheduler.schedule()``, ``schedule_ms``,
-  whose difference to stock also holds vLLM's own work for the extra KV-cache groups;
+* scheduler, V2Drop, ``v2drop_sched_ms``: plans built for requests (``StagePlans.register``: none
+  on a decode step), the prefix-cache cap around vLLM's ``cache_blocks`` (``v2drop_cache_cap_ms``,
+  every scheduled request) and, in ``per_stage``, the coordinator's compact counts, measured as
+  its per-step calls against vLLM's own coordinator on the same requests (``coordinator_vs_vllm_ms``;
+  ``v2drop_sched_upper_ms`` counts instead everything in its calls but the managers', vLLM's own
+  loop over the groups included); and the whole ``Scheduler.schedule()``, ``schedule_ms``, whose
+  difference to stock also holds vLLM's own work for the extra KV-cache groups;
 * stock host work of the same step: ``GPUModelRunner._prepare_inputs`` + ``_build_attention_metadata``
   (``stock_worker_ms``) and ``Scheduler.schedule()`` (``schedule_ms`` of the stock run).
 
@@ -85,10 +86,14 @@ def install_timers() -> None:
     # V2Drop's coordinator replaces vLLM's per-group loop: its own cost is the time in the override
     # minus the time in the managers' methods it calls (less the inner timer's own overhead,
     # calibrated); vLLM's own loop over the groups is counted as V2Drop's (an upper bound).
-    for name in ("get_num_blocks_to_allocate", "allocate_new_blocks"):
-        for coordinator_class in _coordinator_classes.values():  # made when a per_stage engine starts
-            timed(coordinator_class, name, "mgr_total")
-        timed(FullAttentionManager, name, "mgr_base")
+    for coordinator_class in _coordinator_classes.values():  # made when a V2Drop engine starts
+        if "get_num_blocks_to_allocate" in vars(coordinator_class):  # per_stage
+            for name in ("get_num_blocks_to_allocate", "allocate_new_blocks"):
+                timed(coordinator_class, name, "mgr_total")
+                timed(FullAttentionManager, name, "mgr_base")
+        # the prefix-cache cap around vLLM's own cache_blocks (every scheduled request, every step)
+        timed(coordinator_class, "cache_blocks", "cache_total")
+        timed(coordinator_class.__bases__[0], "cache_blocks", "cache_base")
 
 
 def timer_overhead() -> float:
@@ -172,15 +177,19 @@ def run_mode(model: str, arch: str, mode: str, counts: list[int], steps: int, dt
         running = engine.engine_core.engine_core.scheduler.get_num_unfinished_requests()
         assert running == n, f"{running} requests in the engine, expected {n}"
         row = {"mode": mode, "running": n, "steps": steps, "step_ms": 1e3 * wall / steps}
-        row.update({k: 1e3 * v / steps for k, v in TIMES.items() if not k.startswith(("mgr_", "_"))})
+        row.update({k: 1e3 * v / steps for k, v in TIMES.items() if not k.startswith(("mgr_", "cache_", "_"))})
         if "v2drop_plan_ms" in row:
             row["v2drop_worker_ms"] = row["v2drop_plan_ms"] + row.get("v2drop_metadata_ms", 0.0)
+        if mode != "stock":  # the scheduler side: plans built (new requests), cache cap, coordinator
+            register = TIMES.get("v2drop_register_ms", 0.0)
+            row["v2drop_cache_cap_ms"] = 1e3 * (TIMES["cache_total"] - TIMES["cache_base"]
+                                                - CALLS["cache_base"] * OVERHEAD[0]) / steps
+            row["v2drop_sched_ms"] = 1e3 * register / steps + row["v2drop_cache_cap_ms"]
         if CALLS["mgr_total"]:
             own = TIMES["mgr_total"] - TIMES["mgr_base"] - CALLS["mgr_base"] * OVERHEAD[0]
-            register = TIMES.get("v2drop_register_ms", 0.0)
-            row["v2drop_sched_upper_ms"] = 1e3 * (own + register) / steps
+            row["v2drop_sched_upper_ms"] = row["v2drop_sched_ms"] + 1e3 * own / steps
             row["coordinator_vs_vllm_ms"] = added = coordinator_added_ms(engine)  # < 0: faster than vLLM's loop
-            row["v2drop_sched_ms"] = 1e3 * register / steps + max(0.0, added)
+            row["v2drop_sched_ms"] += max(0.0, added)
             row["kv_manager_calls_per_step"] = CALLS["mgr_total"] / steps
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -11,7 +11,7 @@ count, so a stage-``s`` group holds ``ceil(compact_len(s, n) / block_size)``
 blocks of a request.
 
 Managers only see request ids. The request's plan is built once from the
-scheduler's ``Request`` when :meth:`KVCacheManager.allocate_slots` first sees it
+scheduler's ``Request`` when :meth:`KVCacheManager.get_computed_blocks` first sees it
 (the hook below), with the same code the worker uses (:func:`vllm_v2drop.runtime.plan_for`),
 and dropped when the request finishes (kept across preemption: a resumed
 request has the same plan). A request the registry does not know gets the
@@ -172,7 +172,10 @@ class V2DropCoordinator(KVCacheCoordinator):
         return super(type(self), self).find_longest_cache_hit(block_hashes, max_cache_hit_length)
 
     def cache_blocks(self, request, num_computed_tokens: int) -> None:
-        cap = self._v2drop_plans.cache_limit(request)
+        plans = self._v2drop_plans
+        if request.request_id not in plans.plans:  # planned at its prefix-cache lookup, normally
+            plans.register(request)
+        cap = plans.cache_limits.get(request.request_id)
         if cap is not None and cap < num_computed_tokens:
             num_computed_tokens = cap
         return super(type(self), self).cache_blocks(request, num_computed_tokens)
@@ -212,9 +215,11 @@ def install_scheduler_hooks() -> None:
     request's plan.
 
     ``Scheduler.__init__`` makes the KV-cache coordinator of a V2Drop engine a
-    :class:`V2DropCoordinator`. ``allocate_slots`` and ``get_computed_blocks`` are where the
-    scheduler hands the KV manager the ``Request`` itself (its plan is built there, once);
-    ``get_computed_blocks`` also caps the request's prefix-cache lookup; ``free`` /
+    :class:`V2DropCoordinator`. ``get_computed_blocks`` is where the scheduler first hands the KV
+    manager a ``Request`` it admits (new, or resumed after preemption: vLLM looks up the prefix
+    cache of every request it schedules from 0): its plan is built there, once, and its
+    prefix-cache lookup capped. Nothing of V2Drop runs per request on the hot path but the
+    coordinator's own calls (``per_stage``) and its ``cache_blocks`` cap; ``free`` /
     ``pop_blocks_for_free`` drop the plan of a finished request. The wrappers do nothing for
     other models.
     """
@@ -225,9 +230,8 @@ def install_scheduler_hooks() -> None:
     from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    init, allocate_slots, get_computed_blocks, free, pop_blocks_for_free = (
+    init, get_computed_blocks, free, pop_blocks_for_free = (
         Scheduler.__init__,
-        KVCacheManager.allocate_slots,
         KVCacheManager.get_computed_blocks,
         KVCacheManager.free,
         KVCacheManager.pop_blocks_for_free,
@@ -240,13 +244,6 @@ def install_scheduler_hooks() -> None:
 
         if getattr(self.vllm_config.model_config, "architecture", None) in V2DROP_ARCHITECTURES:
             V2DropCoordinator.adopt(self.kv_cache_manager.coordinator, resolve_schedule(self.vllm_config))
-
-    @functools.wraps(allocate_slots)
-    def _allocate_slots(self, request, *args, **kwargs):
-        plans = StagePlans.of(self.block_pool)
-        if plans is not None:
-            plans.register(request)
-        return allocate_slots(self, request, *args, **kwargs)
 
     @functools.wraps(get_computed_blocks)
     def _get_computed_blocks(self, request):
@@ -279,7 +276,6 @@ def install_scheduler_hooks() -> None:
             _forget(self, request)
 
     Scheduler.__init__ = _init
-    KVCacheManager.allocate_slots = _allocate_slots
     KVCacheManager.get_computed_blocks = _get_computed_blocks
     KVCacheManager.free = _free
     KVCacheManager.pop_blocks_for_free = _pop_blocks_for_free
