@@ -3,10 +3,10 @@
 vLLM's scheduler counts every request in ORIGINAL tokens (positions, RoPE and
 the sampler stay original). Its KV-cache coordinator hands each group's manager
 ``num_tokens`` = the original token count a request needs slots for.
-:class:`V2DropCoordinator` (mixed into the pool's coordinator when it holds
-:class:`V2DropStageManager` groups, vLLM's full-attention manager with a stage)
-converts that count once per request and call to the rows present in every
-stage, ``plan.compact_lens(num_tokens)``, and gives each group its stage's
+:class:`V2DropCoordinator` (whose methods vLLM's own coordinator instance takes when
+its pool holds :class:`V2DropStageManager` groups, vLLM's full-attention manager
+with a stage) converts that count once per request and call to the rows present
+in every stage, ``plan.compact_lens(num_tokens)``, and gives each group its stage's
 count, so a stage-``s`` group holds ``ceil(compact_len(s, n) / block_size)``
 blocks of a request.
 
@@ -63,8 +63,12 @@ class StagePlans:
 
     def cache_limit(self, request) -> int | None:
         """How far the request's KV blocks are laid out the same in every layer (prefix-cacheable):
-        up to its first vision item when its plan drops rows, everywhere (None) otherwise."""
-        self.register(request)
+        up to its first vision item when its plan drops rows, everywhere (None) otherwise.
+
+        Called for every scheduled request and step (``cache_blocks``): two dict lookups once
+        the request is planned (at its prefix-cache lookup, normally)."""
+        if request.request_id not in self.plans:
+            self.register(request)
         return self.cache_limits.get(request.request_id)
 
     def compact_len(self, request_id: str, stage: int, num_tokens: int) -> int:
@@ -105,9 +109,11 @@ class V2DropStageManager(FullAttentionManager):
 
 
 class V2DropCoordinator(KVCacheCoordinator):
-    """vLLM's KV-cache coordinator of a pool with V2Drop stage groups (its two per-step calls).
+    """What a V2Drop engine's KV-cache coordinator does differently (:meth:`adopt` gives vLLM's
+    coordinator instance these methods): the prefix-cache cap, and in ``kv_mode: per_stage`` its
+    two per-step calls.
 
-    The coordinator hands every group's manager the same ORIGINAL token counts; here each
+    vLLM's coordinator hands every group's manager the same ORIGINAL token counts; here each
     request's counts are compacted once per call for all stages (``plan.compact_lens``) and
     every group gets its stage's. The per-step cost is one plan lookup and a few tuples per
     request, not a call per request and group. Requests without a plan (text-only, not
@@ -172,10 +178,7 @@ class V2DropCoordinator(KVCacheCoordinator):
         return super(type(self), self).find_longest_cache_hit(block_hashes, max_cache_hit_length)
 
     def cache_blocks(self, request, num_computed_tokens: int) -> None:
-        plans = self._v2drop_plans
-        if request.request_id not in plans.plans:  # planned at its prefix-cache lookup, normally
-            plans.register(request)
-        cap = plans.cache_limits.get(request.request_id)
+        cap = self._v2drop_plans.cache_limit(request)
         if cap is not None and cap < num_computed_tokens:
             num_computed_tokens = cap
         return super(type(self), self).cache_blocks(request, num_computed_tokens)

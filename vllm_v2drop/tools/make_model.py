@@ -159,6 +159,19 @@ def _text_dims(size: str, arch: str) -> dict:
                 num_key_value_heads=4, max_position_embeddings=32768)  # Qwen2-7B
 
 
+def _clip_llama(T, img: int, tiny: bool, n_vocab: int, text: dict, common: dict):
+    """CLIP vision tower + Llama text config of LLaVA-1.5 and LLaVA-NeXT (Vicuna)."""
+    vision = T.CLIPVisionConfig(
+        **(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                image_size=img, patch_size=8, projection_dim=64, initializer_range=0.1) if tiny else
+           dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                image_size=img, patch_size=14, projection_dim=768)),
+        hidden_act="quick_gelu")
+    text_cfg = T.LlamaConfig(vocab_size=n_vocab if tiny else 32064, rms_norm_eps=1e-5,
+                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **text, **common)
+    return vision, text_cfg
+
+
 def _build(arch: str, size: str, tok):
     """Return (model class, config, processor) for ``arch`` / ``size``."""
     import transformers as T
@@ -171,14 +184,7 @@ def _build(arch: str, size: str, tok):
 
     if arch == "llava":
         img = 64 if tiny else 336
-        vision = T.CLIPVisionConfig(
-            **(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                    image_size=img, patch_size=8, projection_dim=64, initializer_range=0.1) if tiny else
-               dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                    image_size=img, patch_size=14, projection_dim=768)),
-            hidden_act="quick_gelu")
-        text_cfg = T.LlamaConfig(vocab_size=n_vocab if tiny else 32064, rms_norm_eps=1e-5,
-                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **text, **common)
+        vision, text_cfg = _clip_llama(T, img, tiny, n_vocab, text, common)
         n_img = (vision.image_size // vision.patch_size) ** 2
         cfg = T.LlavaConfig(vision_config=vision, text_config=text_cfg, image_token_index=ids("<image>"),
                             image_seq_length=n_img, vision_feature_layer=-2,
@@ -220,14 +226,7 @@ def _build(arch: str, size: str, tok):
 
     if arch == "llava-next":  # LLaVA-NeXT (v1.6, Vicuna): CLIP tiles at any resolution + image_newline
         img = 32 if tiny else 336
-        vision = T.CLIPVisionConfig(
-            **(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                    image_size=img, patch_size=8, projection_dim=64, initializer_range=0.1) if tiny else
-               dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                    image_size=img, patch_size=14, projection_dim=768)),
-            hidden_act="quick_gelu")
-        text_cfg = T.LlamaConfig(vocab_size=n_vocab if tiny else 32064, rms_norm_eps=1e-5,
-                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **text, **common)
+        vision, text_cfg = _clip_llama(T, img, tiny, n_vocab, text, common)
         pinpoints = [[img, 2 * img], [2 * img, img], [2 * img, 2 * img], [3 * img, img], [img, 3 * img]]
         cfg = T.LlavaNextConfig(vision_config=vision, text_config=text_cfg, image_token_index=ids("<image>"),
                                 image_seq_length=(img // vision.patch_size) ** 2, vision_feature_layer=-2,
