@@ -3,16 +3,21 @@
     python benchmarks/prefix_cache.py --arch qwen2-vl --chats 8 --out benchmarks/results
 
 Every turn re-sends the image and the whole history (as chat clients do) behind a shared
-system prompt. Per engine (stock vLLM with prefix caching, V2Drop with it, V2Drop without it;
-one after the other in this process, same settings otherwise) it runs ``--chats`` chats with
-different images, turn by turn, each turn alone with ``max_tokens=1``: the wall time of that
-call is the turn's time to first token. Prints and writes the median per turn and engine,
-the ratios to V2Drop without prefix caching, and vLLM's prefix-cache hit rate per engine.
+system prompt. Per engine (stock vLLM with prefix caching; V2Drop ``kv_mode: shared`` with it,
+Level 1; V2Drop ``kv_mode: per_stage`` with it, Level 2; V2Drop without it; one after the other
+in this process, same settings otherwise) it runs ``--chats`` chats with different images, turn
+by turn, each turn alone with ``max_tokens=1``: the wall time of that call is the turn's time to
+first token. vLLM's encoder cache is emptied before every turn, so an image is encoded again
+unless a prefix hit covers it; the V2Drop engines count the encoder's runs (``trace``
+directory). Prints and writes the median per turn and engine, the ratios to V2Drop without
+prefix caching, vLLM's prefix-cache hit rate and the images encoded per turn.
 
-What Level 1 prefix caching can give (README, "Prefix caching"): the system prompt's blocks
-hit in every turn and every chat; a pruned request never hits a block holding its image, so
-turns 2 and 3 still run the vision encoder and the prefill from the image on. Stock vLLM
-also reuses the image and the history.
+What prefix caching gives (README, "Prefix caching"): Level 1 hits the system prompt's blocks in
+every turn, but a pruned request never hits a block holding its image, so turns 2 and 3 run the
+vision encoder and the prefill from the image on. Level 2 reuses every stage's pruned KV: turns 2
+and 3 hit through the image and the history (the first question is long enough, two blocks
+after the image, for every stage's blocks past the image to be cached by turn 1). Stock vLLM
+reuses the image and the history.
 """
 
 from __future__ import annotations
@@ -31,12 +36,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 SYSTEM = "You are a careful assistant for a photo archive. Answer precisely and cite what you see. " * 8
-TURNS = [("What is in this photo?", "A gradient with a few coloured blocks."),
+TURNS = [("What is in this photo? Describe every object, its colour, its shape and where it sits in the frame, "
+          "then say what the photo was most likely taken for.", "A gradient with a few coloured blocks."),
          ("Which colour dominates?", "Mostly blue, with some red."),
          ("Describe the top left corner.", None)]
 ENGINES = {
     "stock+cache": dict(enable_prefix_caching=True),
     "v2drop+cache": dict(enable_prefix_caching=True, model_impl="v2drop"),
+    "v2drop-per_stage+cache": dict(enable_prefix_caching=True, model_impl="v2drop", kv_mode="per_stage"),
     "v2drop-nocache": dict(enable_prefix_caching=False, model_impl="v2drop"),
 }
 
@@ -55,28 +62,46 @@ def turn_request(model_dir: str, turn: int, seed: int, size: str) -> dict:
 
 
 def run_engine(name: str, model_dir: str, chats: int, size: str) -> dict:
+    import glob
+    import tempfile
+
     from conftest import llm_engine
     from vllm import SamplingParams
 
+    kw = dict(ENGINES[name])
+    trace = tempfile.mkdtemp(prefix="v2drop-bench-")
+    if kw.get("model_impl") == "v2drop":
+        kw["additional_config"] = {"v2drop": {"kv_mode": kw.pop("kv_mode", "shared"), "trace": trace}}
+
+    def encoded() -> int:
+        return sum(int(line.split()[1]) for p in glob.glob(f"{trace}/v2drop-encoder-*.log") for line in open(p))
+
     params = SamplingParams(temperature=0.0, max_tokens=1)
     ttft: list[list[float]] = [[] for _ in TURNS]
-    with llm_engine(model_dir, block_size=32, max_model_len=4096, disable_log_stats=False, **ENGINES[name]) as llm:
+    runs: list[int] = [0 for _ in TURNS]
+    with llm_engine(model_dir, block_size=32, max_model_len=4096, disable_log_stats=False, **kw) as llm:
         llm.generate([turn_request(model_dir, 0, 10_000, size)], params, use_tqdm=False)  # warm-up
         llm.reset_prefix_cache()
         for chat in range(chats):
             for turn in range(len(TURNS)):
                 req = turn_request(model_dir, turn, chat, size)
+                llm.llm_engine.reset_encoder_cache()
+                before = encoded()
                 t = time.perf_counter()
                 llm.generate([req], params, use_tqdm=False)
                 ttft[turn].append(time.perf_counter() - t)
+                runs[turn] += encoded() - before
         metrics = {m.name: m.value for m in llm.get_metrics()
                    if m.name in ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits")}
     queries = metrics.get("vllm:prefix_cache_queries", 0)
-    return {
+    row = {
         "engine": name,
         "ttft_ms_median": [round(1e3 * statistics.median(t), 2) for t in ttft],
         "prefix_cache_hit_rate": round(metrics.get("vllm:prefix_cache_hits", 0) / queries, 3) if queries else 0.0,
     }
+    if kw.get("model_impl") == "v2drop":
+        row["images_encoded_per_turn"] = runs
+    return row
 
 
 def main() -> None:

@@ -187,3 +187,60 @@ def test_plan_non_contiguous_item():
 def test_plan_rejects_bad_items(items, match):
     with pytest.raises(ValueError, match=match):
         plan_request(items, 40, (0.5,))
+
+
+# ---- prefix-cache keys of compacted KV (kv_mode: per_stage) -------------------------------------
+def _compacted_layout(plan, stage, rng):
+    """A stage's compacted rows, built row by row: ``(position, item)`` per row, for one random
+    choice of kept rows per item (which rows is the model's; the counts are the plan's)."""
+    rows, item_of = [], {int(p): i for i, pos in enumerate(plan.positions) for p in pos}
+    kept = {}
+    for i, pos in enumerate(plan.positions):
+        kept.update((int(p), i) for p in rng.choice(pos, int(plan.counts[i, stage]), replace=False))
+    for p in range(plan.num_prompt_tokens):
+        i = item_of.get(p)
+        if i is None or p in kept:  # kept; a non-candidate row inside an item's span counts as the item's
+            rows.append((p, next((k for k, (s, e) in enumerate(zip(plan.starts, plan.ends)) if s <= p < e), -1)))
+    return rows
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_prefix_cache_keys_match_a_row_by_row_layout(seed):
+    """``original_rows``, ``block_key_positions`` and ``resume_position`` against a layout built row
+    by row: text rows map to their positions, rows inside an item only to the item; block ``j``'s
+    key position is the furthest prompt position any of its rows depends on (an item row: the item's
+    end); a request holding ``k`` rows resumes at the next row's position, or its item's start."""
+    rng = np.random.default_rng(seed)
+    n, items, p = int(rng.integers(40, 160)), [], int(rng.integers(0, 12))
+    while p < n - 4 and len(items) < 4:
+        size = int(rng.integers(1, 30))
+        pos = np.arange(p, min(p + size, n - 1))
+        if rng.random() < 0.3 and len(pos) > 3:  # a non-candidate row inside (a video timestamp)
+            pos = np.delete(pos, len(pos) // 2)
+        items.append(pos)
+        p = int(pos[-1]) + 1 + int(rng.integers(0, 20))
+    plan = plan_request(items, n, (0.5, 0.3, 0.0)[: int(rng.integers(1, 4))], min_keep=int(rng.integers(1, 3)))
+    bs = int(rng.choice([2, 4, 8, 16]))
+    for stage in range(plan.num_stages + 1):
+        layout = _compacted_layout(plan, stage, rng)
+        assert len(layout) == plan.compact_len(stage, n)
+        pos, item = plan.original_rows(stage, np.arange(len(layout)))
+        assert item.tolist() == [i for _, i in layout]
+        assert [q for q, i in zip(pos.tolist(), item.tolist()) if i < 0] == [q for q, i in layout if i < 0]
+        depends = [q if i < 0 else int(plan.ends[i]) - 1 for q, i in layout]
+        blocks = len(layout) // bs
+        expect = [max(depends[: (j + 1) * bs]) for j in range(blocks)]
+        assert plan.block_key_positions(stage, blocks, bs).tolist() == expect
+        for k in range(len(layout)):
+            q, i = layout[k]
+            assert plan.resume_position(stage, k) == (q if i < 0 else int(plan.starts[i]))
+            # resuming there, the stage holds exactly the first k rows, or those before the item
+            assert plan.compact_len(stage, plan.resume_position(stage, k)) == (k if i < 0 else
+                                                                               [j for j, (_, t) in enumerate(layout) if t == i][0])
+
+
+def test_stable_end_marks_an_item_cut_by_the_prompt_end():
+    assert plan_request([range(4, 10)], 20, (0.5,)).stable_end == 20
+    cut = plan_request([range(4, 10)], 10, (0.5,))  # the prompt's last row is the item's
+    assert cut.stable_end == 4 and cut.counts[0, 0] == 5
+    assert cut.keep_ratios == (0.5,) and cut.min_keep == 1

@@ -1,19 +1,27 @@
-"""Prefix caching stays on with V2Drop (Level 1): shared blocks always hold the prompt's own rows.
+"""Prefix caching stays on with V2Drop and never changes a request's tokens.
 
-Real CPU engines on the tiny Qwen2-VL (8 layers), float32, greedy, block size 16, a KV pool
+Real CPU engines on the tiny Qwen2-VL (8 layers), float32, greedy, block size 32, a KV pool
 small enough to preempt, prefix caching on, one engine per kv mode. Interleaved traffic (one
 system prompt with different images, one image with different questions, a three-turn chat
 re-sending its image, text-only requests, an abort) runs twice in the same engine: once
 as is, once with a unique ``cache_salt`` per request (vLLM hashes the salt into the first
 block, so a salted request neither hits nor is hit: the engine's tokens with prefix caching
 off). Both runs must give every request the same tokens. vLLM's own prefix-cache counters
-then show the hits Level 1 promises, exactly: a pruned request hits the blocks before its
-first image and never a block covering it; a text-only request hits its whole prompt.
+then show the hits promised:
+
+* Level 1, both kv modes: a pruned request hits the blocks before its first image; a
+  text-only or ``v2drop_off`` request hits its whole prompt. In ``shared`` mode a pruned
+  request never hits a block covering its image.
+* Level 2, ``per_stage``: turns 2 and 3 of a chat hit through the image and the history, to
+  within one block of the prefix they share with the turn before, and the vision encoder does
+  not run for them (its runs are counted in the trace directory).
 """
 
 from __future__ import annotations
 
+import glob
 import itertools
+import os
 
 import pytest
 
@@ -104,13 +112,21 @@ def first_image_position(llm, req: dict) -> int:
 
 
 @pytest.fixture(scope="module", params=["shared", "per_stage"])
-def engine(request):
+def engine(request, tmp_path_factory):
     model_dir = ensure_model("qwen2-vl")
-    cfg = {"v2drop": {"kv_mode": request.param, "preset": "video-25"}}
+    trace = str(tmp_path_factory.mktemp(f"trace-{request.param}"))
+    cfg = {"v2drop": {"kv_mode": request.param, "preset": "video-25", "trace": trace}}
     with llm_engine(model_dir, model_impl="v2drop", additional_config=cfg, block_size=BS,
                     enable_prefix_caching=True, max_model_len=512, max_num_seqs=8,
                     kv_cache_memory_bytes=18 * BS * 4096, disable_log_stats=False) as llm:
+        llm._v2drop_trace = trace
         yield llm, model_dir, request.param
+
+
+def encoded(llm) -> int:
+    """Vision items the engine's encoder has run on so far (``V2DropRuntime.encoded``)."""
+    paths = glob.glob(os.path.join(llm._v2drop_trace, "v2drop-encoder-*.log"))
+    return sum(int(line.split()[1]) for p in paths for line in open(p))
 
 
 def test_prefix_caching_is_on(engine):
@@ -156,7 +172,10 @@ def test_level1_hits_stop_before_the_first_pruned_image(engine):
     assert start >= 2 * BS
     _, hits, _ = hits_of(llm, other)
     assert hits == (start // BS) * BS
-    # the very same request again: still only up to its image (the image's blocks hold compacted rows)
+    # the very same request again: still only up to its image. ``shared``: a block holds every
+    # layer, compacted after the image. ``per_stage``: the prompt ends within a block of the image,
+    # so the blocks after it in later stages (whose rows run past the prompt's last full block)
+    # have no key yet (Level 2 needs the history to go on past the image: the chat test below).
     _, hits, again = hits_of(llm, first)
     assert hits == (start // BS) * BS and again == tokens
 
@@ -182,3 +201,52 @@ def test_text_only_requests_hit_their_whole_prompt(engine):
     queries, hits, _ = hits_of(llm, req)
     n = len(_tokenizer(str(model_dir))(req["prompt"])["input_ids"])
     assert queries == n and hits == ((n - 1) // BS) * BS
+
+
+def test_level2_chat_turns_hit_through_the_image(engine):
+    """``per_stage``: each turn re-sends the image and the history; turns 2 and 3 reuse the pruned
+    KV of every stage from the turn before: hits cover the image, reach to within one block of
+    the prefix shared with the turn before, the encoder does not run, the tokens are unchanged.
+    ``shared`` (Level 1) hits up to the image and encodes it again. vLLM's encoder cache is
+    emptied before every turn, so only a prefix hit over the image spares the encoder."""
+    llm, model_dir, mode = engine
+    from vllm import SamplingParams
+
+    tok = _tokenizer(str(model_dir))
+    question = "What is in this photo? Describe the colours, the shapes and where each one sits. " * 3
+    turns = [(question, "A gradient with a few coloured blocks."),
+             ("Which colour dominates?", "Mostly blue, with some red."),
+             ("Describe the top left corner.", None)]
+    reqs = [request(model_dir, turns[:1], 31), request(model_dir, [turns[0], (turns[1][0], None)], 31),
+            request(model_dir, turns, 31)]
+    ids = [tok(r["prompt"])["input_ids"] for r in reqs]
+    image_start = first_image_position(llm, reqs[0])
+    image_end = ids[0].index(tok.convert_tokens_to_ids("<|vision_end|>"))
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    salted = [list(o.outputs[0].token_ids) for o in llm.generate(
+        [{**r, "cache_salt": f"l2-{i}"} for i, r in enumerate(reqs)], params, use_tqdm=False)]
+    other_budget = list(llm.generate([{**reqs[1], "cache_salt": "l2-other"}], SamplingParams(
+        temperature=0.0, max_tokens=8, extra_args={"v2drop_target_retention": 0.5}), use_tqdm=False)[0].outputs[0].token_ids)
+    llm.reset_prefix_cache()
+    for i, req in enumerate(reqs):
+        llm.llm_engine.reset_encoder_cache()
+        before = encoded(llm)
+        queries, hits, tokens = hits_of(llm, req)
+        runs = encoded(llm) - before
+        assert tokens == salted[i], f"turn {i + 1}"
+        if i == 0:
+            assert runs == 1 and hits == 0
+            extra = queries - len(ids[0])  # the engine's prompt holds one <|image_pad|> per image row
+            image_end += extra
+            continue
+        if mode == "shared":
+            assert runs == 1 and hits == (image_start // BS) * BS, f"turn {i + 1}"
+            continue
+        shared = next(k for k, (a, b) in enumerate(zip(ids[i - 1] + [-1], ids[i])) if a != b)
+        reusable = ((shared + extra) // BS) * BS  # the turn before cached its full blocks up to here
+        assert reusable > image_end + 2 * BS
+        assert image_end < reusable - BS < hits <= reusable, f"turn {i + 1}: {hits} hits"
+        assert runs == 0, f"turn {i + 1} ran the vision encoder"
+    if mode == "per_stage":  # another budget lays the image's rows out differently: no hit past it
+        _, hits, tokens = hits_of(llm, reqs[1], v2drop_target_retention=0.5)
+        assert tokens == other_budget and hits == (image_start // BS) * BS

@@ -217,7 +217,14 @@ class RequestPlan:
         counts: rows per item and stage, int64 ``[num_items, num_stages + 1]``;
             ``counts[:, 0]`` is ``n0`` and ``counts[:, s]`` is ``n_s``.
         pruned: False for a plan built with ``prune=False`` (counts constant).
+        keep_ratios, min_keep: what the counts were made with (they name a plan's layout in
+            prefix-cache keys: two requests with the same prompt prefix and these lay out the
+            prefix's KV rows identically).
+        stable_end: the prompt prefix whose counts do not depend on the prompt's length (the
+            start of an item that lost the prompt's last row to the rule below; else the prompt
+            length).
     """
+
 
     num_prompt_tokens: int
     positions: tuple[np.ndarray, ...]
@@ -225,6 +232,9 @@ class RequestPlan:
     ends: np.ndarray
     counts: np.ndarray
     pruned: bool
+    keep_ratios: tuple[float, ...] = ()
+    min_keep: int = 1
+    stable_end: int = 0
 
     @property
     def num_items(self) -> int:
@@ -306,6 +316,40 @@ class RequestPlan:
         prefix_lens = np.asarray(prefix_lens, dtype=np.int64)
         return prefix_lens - self.dropped_before_many(stage, prefix_lens)
 
+    # ---- prefix caching of compacted KV (kv_mode: per_stage) ------------------------------------
+    def original_rows(self, stage: int, compact_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where compacted rows of stage ``stage`` come from: ``(position, item)`` per row.
+
+        A row outside every item has a known original ``position`` (item -1). Inside item ``i``
+        (its compacted span at this stage) which rows it kept is decided by the model, so only
+        the item is known: ``item = i`` and ``position`` is meaningless.
+        """
+        c = np.asarray(compact_rows, dtype=np.int64)
+        cum = self._cum_dropped[stage]
+        i = np.searchsorted(self.ends - cum[1:], c, side="right")  # items wholly before each row
+        n = self.num_items
+        inside = i < n
+        inside[inside] = c[inside] >= (self.starts - cum[:-1])[i[inside]]
+        return c + cum[i], np.where(inside, i, -1)
+
+    def block_key_positions(self, stage: int, num_blocks: int, block_size: int) -> np.ndarray:
+        """For each of a request's first ``num_blocks`` KV blocks of stage ``stage`` (compacted
+        rows ``[j * block_size, (j + 1) * block_size)``), the prompt position ``q`` such that the
+        block's content is a function of the sequence ``[0, q]`` (causal attention; an item's kept
+        rows depend on the item's own rows): its last row's position, or the end of the item
+        that row lies in. Nondecreasing in ``j``; ``q == (j + 1) * block_size - 1`` exactly when
+        the block holds the original rows (nothing dropped before its end)."""
+        last = (np.arange(num_blocks, dtype=np.int64) + 1) * block_size - 1
+        pos, item = self.original_rows(stage, last)
+        return np.where(item >= 0, self.ends[np.maximum(item, 0)] - 1 if self.num_items else pos, pos)
+
+    def resume_position(self, stage: int, compact_rows: int) -> int:
+        """The prompt position a request must compute from when stage ``stage`` holds its first
+        ``compact_rows`` rows: the position of the next row, or the start of the item it lies
+        in (an item is computed whole)."""
+        pos, item = self.original_rows(stage, np.asarray([compact_rows]))
+        return int(self.starts[item[0]]) if item[0] >= 0 else int(pos[0])
+
     def rows_per_layer(self, layers: Sequence[int], num_layers: int) -> list[int]:
         """Vision rows of the whole request present at each layer ``0 .. num_layers-1``."""
         self._check_layers(layers, num_layers)
@@ -346,6 +390,7 @@ def plan_request(
     last = num_prompt_tokens - 1
     positions: list[np.ndarray] = []
     prev_end = 0
+    stable_end = num_prompt_tokens
     for i, item in enumerate(items):
         pos = np.asarray(item, dtype=np.int64).reshape(-1)
         if pos.size and (np.any(np.diff(pos) <= 0) or pos[0] < 0 or pos[-1] > last):
@@ -358,6 +403,7 @@ def plan_request(
         if pos.size:
             prev_end = int(pos[-1]) + 1
         if pos.size and pos[-1] == last:
+            stable_end = int(pos[0])
             pos = pos[:-1]
         if pos.size:
             positions.append(pos)
@@ -374,6 +420,9 @@ def plan_request(
         ends=np.asarray([p[-1] + 1 for p in positions], dtype=np.int64),
         counts=counts,
         pruned=prune,
+        keep_ratios=tuple(float(r) for r in keep_ratios),
+        min_keep=int(min_keep),
+        stable_end=stable_end,
     )
 
 

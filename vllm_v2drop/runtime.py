@@ -344,6 +344,15 @@ class V2DropRuntime:
                 100 * retention, plan.kv_rows_saved(sched.layers, sched.num_layers),
             )
 
+    def encoded(self, items: int) -> None:
+        """The vision encoder ran on ``items`` items in this step. With ``trace`` set, a line
+        ``encoded <items>`` goes to ``v2drop-encoder-<pid>.log`` there (tests count encoder runs:
+        an image served from the prefix cache is not encoded again)."""
+        if self.schedule.trace and items:
+            os.makedirs(self.schedule.trace, exist_ok=True)
+            with open(os.path.join(self.schedule.trace, f"v2drop-encoder-{os.getpid()}.log"), "a") as f:
+                f.write(f"encoded {items}\n")
+
     def _write_trace(self, drop: DropStep) -> None:
         """Append one JSON line per finished request: its items and the rows each stage kept.
 

@@ -17,19 +17,33 @@ and dropped when the request finishes (kept across preemption: a resumed
 request has the same plan). A request the registry does not know gets the
 original count, a superset: never fewer blocks than the worker writes to.
 
-Prefix caching (both kv modes): layers after a drop store a request's rows compacted,
-so a block holds the same rows in every layer only before the request's first
-vision item. The coordinator caches (``cache_blocks``) and looks up
-(``find_longest_cache_hit``) a request whose plan drops rows only up to that
-item; requests that drop nothing (text-only, ``v2drop_off``) cache and hit as in
-stock vLLM. A block shared between two requests therefore always holds the
-prompt's own rows in every layer, and vLLM's prefix-cache metrics count exactly
-the hits served.
+Prefix caching. Layers after a drop store a request's rows compacted. Requests that drop
+nothing (text-only, ``v2drop_off``) cache and hit as in stock vLLM.
+
+* ``kv_mode: shared`` (Level 1): one block holds every layer, so it holds the same rows in
+  every layer only before the request's first vision item. The coordinator caches
+  (``cache_blocks``) and looks up (``find_longest_cache_hit``) a request whose plan drops
+  rows only up to that item.
+* ``kv_mode: per_stage`` (Level 2): a stage-``s`` group's block ``j`` holds compacted rows
+  ``[j B, (j + 1) B)``. Its content is a function of the sequence up to one prompt position
+  ``q_j`` (``RequestPlan.block_key_positions``: its last row's, or the end of the item that
+  row lies in), so it is cached under the hash of vLLM's own block holding ``q_j``, its
+  index ``j`` and the plan's ratios (``StagePlans.stage_keys``; a block before any drop keeps
+  vLLM's own hash and is shared with every request). A lookup finds the hit of the stage-0
+  groups (original rows, vLLM's hashes), ``N``, and of every stage in these keys, ``k_s``
+  blocks; the request resumes at ``M``, the earliest of the positions where some stage runs
+  out (``RequestPlan.resume_position``; never inside an item), and every group keeps the
+  blocks that cover ``M``: ``ceil(compact_len(s, M) / B)``. A last block only partly
+  covered is copied by vLLM's own copy-on-write of a partial prefix hit (the request
+  writes its next rows into its private copy). A turn of a chat that re-sends an image thus
+  hits through the image in every stage: the image is neither encoded nor prefilled again.
+  vLLM's prefix-cache metrics count ``M``.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Sequence
 
 from vllm.v1.core.kv_cache_coordinator import KVCacheCoordinator
@@ -45,6 +59,7 @@ class StagePlans:
         self.schedule = schedule
         self.plans: dict = {}
         self.cache_limits: dict[str, int] = {}  # requests whose plan drops rows: their first item's start
+        self.keys: dict[str, dict[int, list[bytes]]] = {}  # per_stage prefix-cache keys, per request and stage
 
     def register(self, request) -> None:
         if request.request_id in self.plans:
@@ -60,6 +75,30 @@ class StagePlans:
     def forget(self, request_id: str) -> None:
         self.plans.pop(request_id, None)
         self.cache_limits.pop(request_id, None)
+        self.keys.pop(request_id, None)
+
+    def stage_keys(self, request, stage: int, num_blocks: int, block_size: int) -> list[bytes]:
+        """Prefix-cache keys of the request's first stage-``stage`` blocks (``kv_mode: per_stage``,
+        a plan that drops rows): at most ``num_blocks``, fewer where the block's ``q_j`` lies past
+        the request's hashed blocks or its ``stable_end``. Computed once per block and request.
+
+        Block ``j`` whose rows are the original ones keeps vLLM's own hash of block ``j``; any
+        other is ``hash(block of q_j) + j + digest(keep ratios, min_keep)``: two requests share it
+        exactly when their sequences agree up to ``q_j`` and they keep rows alike."""
+        keys = self.keys.setdefault(request.request_id, {}).setdefault(stage, [])
+        if len(keys) >= num_blocks:
+            return keys
+        plan = self.plans[request.request_id]
+        hashes = request.block_hashes
+        limit = min(len(hashes) * block_size, plan.stable_end)
+        digest = hashlib.blake2b(repr((plan.keep_ratios, plan.min_keep)).encode(), digest_size=8).digest()
+        q = plan.block_key_positions(stage, num_blocks, block_size).tolist()
+        for j in range(len(keys), num_blocks):
+            if q[j] >= limit:
+                break
+            h = hashes[q[j] // block_size]
+            keys.append(h if q[j] == (j + 1) * block_size - 1 else h + j.to_bytes(4, "big") + digest)
+        return keys
 
     def cache_limit(self, request) -> int | None:
         """How far the request's KV blocks are laid out the same in every layer (prefix-cacheable):
@@ -78,6 +117,19 @@ class StagePlans:
     @staticmethod
     def of(block_pool) -> StagePlans | None:
         return getattr(block_pool, "_v2drop_plans", None)
+
+
+class _KeyedRequest:
+    """A scheduler ``Request`` seen with other block hashes (a stage group's keys) by vLLM's
+    ``cache_blocks``; everything else is the request's."""
+
+    __slots__ = ("_request", "block_hashes")
+
+    def __init__(self, request, block_hashes: list[bytes]) -> None:
+        self._request, self.block_hashes = request, block_hashes
+
+    def __getattr__(self, name: str):
+        return getattr(self._request, name)
 
 
 class V2DropStageManager(FullAttentionManager):
@@ -122,7 +174,9 @@ class V2DropCoordinator(KVCacheCoordinator):
 
     _v2drop_plans: StagePlans
     _v2drop_stages: tuple[int, ...]  # stage of each group (0, i.e. original counts, for a non-V2Drop group)
-    _v2drop_hit_cap: int | None  # set while KVCacheManager.get_computed_blocks looks up one request
+    _v2drop_request: object | None  # the request KVCacheManager.get_computed_blocks is looking up
+    _v2drop_level2: bool  # per_stage with prefix caching: compacted blocks are cached (module docstring)
+    _v2drop_stage_groups: tuple  # (stage, group ids, manager class, spec) per stage
 
     def get_num_blocks_to_allocate(
         self,
@@ -169,19 +223,89 @@ class V2DropCoordinator(KVCacheCoordinator):
             for manager, s in zip(self.single_type_managers, self._v2drop_stages)
         )
 
-    # Prefix caching, both kv modes: a block is shared only where every layer holds the prompt's own
-    # rows, i.e. before the first vision item of a request whose plan drops rows (Level 1).
+    # Prefix caching (module docstring): requests whose plan drops rows hit and cache only before
+    # their first vision item in ``shared`` mode (Level 1), per stage in compact rows in ``per_stage``.
     def find_longest_cache_hit(self, block_hashes, max_cache_hit_length: int):
-        cap = self._v2drop_hit_cap
-        if cap is not None and cap < max_cache_hit_length:
-            max_cache_hit_length = cap
-        return super(type(self), self).find_longest_cache_hit(block_hashes, max_cache_hit_length)
+        request = self._v2drop_request
+        cap = None if request is None else self._v2drop_plans.cache_limit(request)
+        if cap is None:
+            return super(type(self), self).find_longest_cache_hit(block_hashes, max_cache_hit_length)
+        if not self._v2drop_level2:
+            return super(type(self), self).find_longest_cache_hit(block_hashes, min(cap, max_cache_hit_length))
+        return self._v2drop_stage_hit(request, block_hashes, max_cache_hit_length)
+
+    def _v2drop_stage_hit(self, request, block_hashes, max_length: int):
+        plans, size = self._v2drop_plans, self.scheduler_block_size
+        plan = plans.plans[request.request_id]
+        found: dict[int, tuple[list, ...]] = {}
+        hit = resume = 0
+        for stage, ids, manager_cls, spec in self._v2drop_stage_groups:
+            if stage == 0:
+                keys, limit = block_hashes, max_length
+            else:
+                limit = plan.compact_len(stage, hit)
+                keys = plans.stage_keys(request, stage, limit // size, size)
+            blocks, length = manager_cls.find_longest_cache_hit(
+                block_hashes=keys, max_length=min(limit, len(keys) * size), kv_cache_group_ids=ids,
+                block_pool=self.block_pool, kv_cache_spec=spec, drop_eagle_block=False, alignment_tokens=size,
+            )
+            found[stage] = blocks
+            if stage == 0:
+                hit = length
+                resume = plan.resume_position(0, hit)  # a hit ending inside an item recomputes the item
+            else:
+                resume = min(resume, plan.resume_position(stage, length))
+            if resume == 0:
+                break
+        if resume == 0:
+            return tuple([] for _ in self.single_type_managers), 0, 0
+        lens = plan.compact_lens(resume)
+        out = [[] for _ in self.single_type_managers]
+        for stage, ids, _, _ in self._v2drop_stage_groups:
+            keep = -(-lens[stage] // size)  # a last block only partly covered: vLLM's copy-on-write
+            for gid, blocks in zip(ids, found[stage]):
+                out[gid] = blocks[:keep]
+        return tuple(out), resume, 0
+
+    def allocate_new_computed_blocks(self, request_id: str, new_computed_blocks, num_local_computed_tokens: int,
+                                     num_external_computed_tokens: int, skip_zeroing_group_ids=()) -> None:
+        """A per_stage hit: each group takes its blocks with its stage's compact count (a partial
+        last block is vLLM's copy-on-write case)."""
+        plan = self._v2drop_plans.plans.get(request_id)
+        managers = self.single_type_managers
+        if (plan is None or not plan.pruned or num_external_computed_tokens
+                or any(request_id in m.num_cached_block for m in managers)):
+            return super(type(self), self).allocate_new_computed_blocks(
+                request_id, new_computed_blocks, num_local_computed_tokens, num_external_computed_tokens,
+                skip_zeroing_group_ids)
+        local = plan.compact_lens(num_local_computed_tokens)
+        for i, (manager, s) in enumerate(zip(managers, self._v2drop_stages)):
+            manager.add_local_computed_blocks(request_id, new_computed_blocks[i], local[s], 0)
 
     def cache_blocks(self, request, num_computed_tokens: int) -> None:
         cap = self._v2drop_plans.cache_limit(request)
-        if cap is not None and cap < num_computed_tokens:
-            num_computed_tokens = cap
-        return super(type(self), self).cache_blocks(request, num_computed_tokens)
+        if cap is None:
+            return super(type(self), self).cache_blocks(request, num_computed_tokens)
+        if not self._v2drop_level2:
+            return super(type(self), self).cache_blocks(request, min(cap, num_computed_tokens))
+        # per_stage: each stage's full compact blocks, stage s >= 1 under its own keys
+        plans, size = self._v2drop_plans, self.scheduler_block_size
+        rid = request.request_id
+        lens = plans.plans[rid].compact_lens(num_computed_tokens)
+        boundaries = (request.num_prompt_tokens - 1,)  # vLLM's replay_boundaries without EAGLE
+        for manager, s in zip(self.single_type_managers, self._v2drop_stages):
+            full = lens[s] // size
+            if full <= manager.num_cached_block.get(rid, 0):
+                continue
+            if s:
+                keys = plans.stage_keys(request, s, full, size)
+                if len(keys) <= manager.num_cached_block.get(rid, 0):
+                    continue
+                manager.cache_blocks(_KeyedRequest(request, keys), len(keys) * size,
+                                     retention_interval=self.retention_interval, replay_boundaries=boundaries)
+            else:
+                manager.cache_blocks(request, full * size, retention_interval=self.retention_interval,
+                                     replay_boundaries=boundaries)
 
     @classmethod
     def adopt(cls, coordinator, schedule) -> None:
@@ -197,7 +321,9 @@ class V2DropCoordinator(KVCacheCoordinator):
         base = type(coordinator)
         if base not in _coordinator_classes.values():
             names = ["find_longest_cache_hit", "cache_blocks"]
-            names += ["get_num_blocks_to_allocate", "allocate_new_blocks"] if per_stage else []
+            if per_stage:
+                names += ["get_num_blocks_to_allocate", "allocate_new_blocks", "allocate_new_computed_blocks",
+                          "_v2drop_stage_hit"]
             key = (base, per_stage)
             if key not in _coordinator_classes:
                 _coordinator_classes[key] = type(f"V2Drop{base.__name__}", (base,), {k: cls.__dict__[k] for k in names})
@@ -205,8 +331,21 @@ class V2DropCoordinator(KVCacheCoordinator):
         plans = StagePlans.of(coordinator.block_pool)
         if plans is None:
             plans = coordinator.block_pool._v2drop_plans = StagePlans(schedule)
-        coordinator._v2drop_plans, coordinator._v2drop_hit_cap = plans, None
-        coordinator._v2drop_stages = tuple(getattr(m, "stage", 0) for m in managers)
+        coordinator._v2drop_plans, coordinator._v2drop_request = plans, None
+        coordinator._v2drop_stages = stages = tuple(getattr(m, "stage", 0) for m in managers)
+        groups = coordinator.kv_cache_config.kv_cache_groups
+        coordinator._v2drop_stage_groups = tuple(
+            (s, ids, type(managers[ids[0]]), groups[ids[0]].kv_cache_spec)
+            for s in sorted(set(stages))
+            for ids in [[i for i, t in enumerate(stages) if t == s]]
+        )
+        # Level 2 wants every group a full-attention group of the scheduler's block size, hashed at it
+        coordinator._v2drop_level2 = (
+            per_stage and coordinator.block_pool.enable_caching and not coordinator.eagle_group_ids
+            and coordinator.block_pool.hash_block_size == coordinator.scheduler_block_size
+            and all(isinstance(m, FullAttentionManager) and m.block_size == coordinator.scheduler_block_size
+                    and m.dcp_world_size == 1 for m in managers)
+        )
 
 
 _coordinator_classes: dict[tuple[type, bool], type] = {}
@@ -253,11 +392,12 @@ def install_scheduler_hooks() -> None:
         plans = StagePlans.of(self.block_pool)
         if plans is None:
             return get_computed_blocks(self, request)
-        self.coordinator._v2drop_hit_cap = plans.cache_limit(request)
+        plans.register(request)  # even where vLLM skips the lookup (prefix caching off, prompt logprobs)
+        self.coordinator._v2drop_request = request
         try:
             return get_computed_blocks(self, request)
         finally:
-            self.coordinator._v2drop_hit_cap = None
+            self.coordinator._v2drop_request = None
 
     def _forget(self, request) -> None:
         plans = StagePlans.of(self.block_pool)

@@ -73,6 +73,11 @@ class V2DropMixin:
 
             self.make_empty_intermediate_tensors = make_empty_intermediate_tensors
 
+    def embed_multimodal(self, **kwargs):
+        out = super().embed_multimodal(**kwargs)
+        self.v2drop_runtime.encoded(len(out) if out is not None else 0)
+        return out
+
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         num_tokens = (inputs_embeds if inputs_embeds is not None else input_ids).shape[0]
         drop = self.v2drop_runtime.current(num_tokens)
