@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from collections.abc import Sequence
 
 from vllm.v1.core.kv_cache_coordinator import KVCacheCoordinator
@@ -283,10 +284,15 @@ class V2DropCoordinator(KVCacheCoordinator):
             manager.add_local_computed_blocks(request_id, new_computed_blocks[i], local[s], 0)
 
     def cache_blocks(self, request, num_computed_tokens: int) -> None:
+        later = request.__dict__.get("_v2drop_cache_from")  # (preemptions, tokens): nothing new before
+        if later is not None and later[0] == request.num_preemptions and num_computed_tokens < later[1]:
+            return  # one dict lookup per request and step; a preempted request's blocks were freed
         cap = self._v2drop_plans.cache_limit(request)
         if cap is None:
             return super(type(self), self).cache_blocks(request, num_computed_tokens)
         if not self._v2drop_level2:
+            if cap <= num_computed_tokens:  # every later call would repeat this one (a no-op)
+                request._v2drop_cache_from = (request.num_preemptions, math.inf)
             return super(type(self), self).cache_blocks(request, min(cap, num_computed_tokens))
         # per_stage: each stage's full compact blocks, stage s >= 1 under its own keys
         plans, size = self._v2drop_plans, self.scheduler_block_size
@@ -306,6 +312,11 @@ class V2DropCoordinator(KVCacheCoordinator):
             else:
                 manager.cache_blocks(request, full * size, retention_interval=self.retention_interval,
                                      replay_boundaries=boundaries)
+        _, last, dropped = plans.plans[rid].summary
+        if num_computed_tokens >= last:  # past its items a stage fills its next block at a known length
+            request._v2drop_cache_from = (request.num_preemptions, min(
+                (manager.num_cached_block.get(rid, 0) + 1) * size + dropped[s]
+                for manager, s in zip(self.single_type_managers, self._v2drop_stages)))
 
     @classmethod
     def adopt(cls, coordinator, schedule) -> None:
