@@ -11,7 +11,10 @@ times ``--steps`` pure decode steps with wrappers around:
   (per-stage attention metadata and slot mappings), together ``v2drop_worker_ms``;
 * scheduler, V2Drop, ``v2drop_sched_ms``: plans built for requests (``StagePlans.register``: none
   on a decode step), the prefix-cache cap around vLLM's ``cache_blocks`` (``v2drop_cache_cap_ms``,
-  every scheduled request) and, in ``per_stage``, the coordinator's compact counts, measured as
+  every scheduled request: the override's time less vLLM's method it calls and the timers' own
+  cost), the scheduling guard around vLLM's ``_try_schedule_encoder_inputs`` (``v2drop_guard_ms``,
+  every running multimodal request: the wrapped method against vLLM's own on the same requests)
+  and, in ``per_stage``, the coordinator's compact counts, measured as
   its per-step calls against vLLM's own coordinator on the same requests (``coordinator_vs_vllm_ms``;
   ``v2drop_sched_upper_ms`` counts instead everything in its calls but the managers', vLLM's own
   loop over the groups included); and the whole ``Scheduler.schedule()``, ``schedule_ms``, whose
@@ -19,7 +22,9 @@ times ``--steps`` pure decode steps with wrappers around:
 * stock host work of the same step: ``GPUModelRunner._prepare_inputs`` + ``_build_attention_metadata``
   (``stock_worker_ms``) and ``Scheduler.schedule()`` (``schedule_ms`` of the stock run).
 
-Means per decode step in milliseconds; JSON and a PNG go to ``--out`` (``benchmarks/results``).
+Milliseconds per decode step, medians over the ``--steps`` timed steps (this machine's other jobs
+preempt single steps; each row's ``means`` holds the means); JSON and a PNG go to ``--out``
+(``benchmarks/results``).
 CPU numbers: compare them with each other, not with a GPU's.
 """
 
@@ -29,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -40,7 +46,7 @@ os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
 
 REPO = Path(__file__).resolve().parents[1]
-OVERHEAD = [0.0]
+OVERHEAD = [0.0, 0.0]  # seconds a ``timed`` wrapper adds to a call; of them, inside its own measured interval
 TIMES: dict[str, float] = defaultdict(float)
 CALLS: dict[str, int] = defaultdict(int)
 
@@ -96,8 +102,9 @@ def install_timers() -> None:
         timed(coordinator_class.__bases__[0], "cache_blocks", "cache_base")
 
 
-def timer_overhead() -> float:
-    """Seconds one ``timed`` wrapper adds to a call."""
+def timer_overhead() -> tuple[float, float]:
+    """Seconds one ``timed`` wrapper adds to a call, and the part of them its own measured interval
+    holds (the clock read, the bookkeeping around the call)."""
     class Probe:
         def f(self):
             return None
@@ -108,10 +115,12 @@ def timer_overhead() -> float:
         probe.f()
     bare = time.perf_counter() - t
     timed(Probe, "f", "_probe")
+    TIMES["_probe"] = 0.0
     t = time.perf_counter()
     for _ in range(n):
         probe.f()
-    return max(0.0, (time.perf_counter() - t - bare) / n)
+    total = max(0.0, (time.perf_counter() - t - bare) / n)
+    return total, min(total, max(0.0, (TIMES["_probe"] - bare) / n))
 
 
 def coordinator_added_ms(engine, repeats: int = 20) -> float:
@@ -142,6 +151,51 @@ def coordinator_added_ms(engine, repeats: int = 20) -> float:
     return 2e3 * (timings[0] - timings[1])
 
 
+def guard_added_ms(engine, repeats: int = 20) -> float:
+    """What V2Drop's scheduling guard (``vllm_v2drop.scheduling``: a step never ends inside a vision
+    item) adds to one decode step: the wrapped ``Scheduler._try_schedule_encoder_inputs`` against
+    vLLM's own on the running requests, as the scheduler calls it (one token each; side-effect free
+    for a request whose items are all computed), best of ``repeats``."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    scheduler = engine.engine_core.engine_core.scheduler
+    wrapped = Scheduler._try_schedule_encoder_inputs
+    original = getattr(wrapped, "__wrapped__", None)
+    if original is None:
+        return 0.0
+    budget = scheduler.max_num_encoder_input_tokens
+    calls = [(r, r.num_computed_tokens, 1, budget) for r in scheduler.running if r.has_encoder_inputs]
+    timings = []
+    for fn in (wrapped, original):
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for args in calls:
+                fn(scheduler, *args, shift_computed_tokens=0)
+            best = min(best, time.perf_counter() - t)
+        timings.append(best)
+    return 1e3 * (timings[0] - timings[1])
+
+
+def step_row(mode: str, wall: float, times: dict, calls: dict) -> dict:
+    """One decode step's numbers (ms) from its timers."""
+    row = {"step_ms": 1e3 * wall}
+    row.update({k: 1e3 * v for k, v in times.items() if not k.startswith(("mgr_", "cache_", "_"))})
+    if "v2drop_plan_ms" in row:
+        row["v2drop_worker_ms"] = row["v2drop_plan_ms"] + row.get("v2drop_metadata_ms", 0.0)
+    if mode != "stock":  # the scheduler side: plans built (new requests), cache cap, coordinator
+        row["v2drop_cache_cap_ms"] = 1e3 * (times.get("cache_total", 0.0) - times.get("cache_base", 0.0)
+                                            - calls.get("cache_base", 0) * OVERHEAD[0]
+                                            - calls.get("cache_total", 0) * OVERHEAD[1])
+        row["v2drop_sched_ms"] = 1e3 * times.get("v2drop_register_ms", 0.0) + row["v2drop_cache_cap_ms"]
+    if calls.get("mgr_total"):
+        own = (times["mgr_total"] - times["mgr_base"] - calls["mgr_base"] * OVERHEAD[0]
+               - calls["mgr_total"] * OVERHEAD[1])
+        row["v2drop_sched_upper_ms"] = row["v2drop_sched_ms"] + 1e3 * own
+        row["kv_manager_calls_per_step"] = calls["mgr_total"]
+    return row
+
+
 def run_mode(model: str, arch: str, mode: str, counts: list[int], steps: int, dtype: str = "float32",
              kv_bytes: int | None = None) -> list[dict]:
     from conftest import make_image, mm_request
@@ -168,29 +222,27 @@ def run_mode(model: str, arch: str, mode: str, counts: list[int], steps: int, dt
                 if out.outputs and out.outputs[0].token_ids:
                     started.add(out.request_id)
         engine.step()  # one more so that no step below holds a prefill
-        TIMES.clear()
-        CALLS.clear()
-        t0 = time.perf_counter()
+        samples = []
         for _ in range(steps):
+            TIMES.clear()
+            CALLS.clear()
+            t0 = time.perf_counter()
             engine.step()
-        wall = time.perf_counter() - t0
+            samples.append(step_row(mode, time.perf_counter() - t0, TIMES, CALLS))
         running = engine.engine_core.engine_core.scheduler.get_num_unfinished_requests()
         assert running == n, f"{running} requests in the engine, expected {n}"
-        row = {"mode": mode, "running": n, "steps": steps, "step_ms": 1e3 * wall / steps}
-        row.update({k: 1e3 * v / steps for k, v in TIMES.items() if not k.startswith(("mgr_", "cache_", "_"))})
-        if "v2drop_plan_ms" in row:
-            row["v2drop_worker_ms"] = row["v2drop_plan_ms"] + row.get("v2drop_metadata_ms", 0.0)
-        if mode != "stock":  # the scheduler side: plans built (new requests), cache cap, coordinator
-            register = TIMES.get("v2drop_register_ms", 0.0)
-            row["v2drop_cache_cap_ms"] = 1e3 * (TIMES["cache_total"] - TIMES["cache_base"]
-                                                - CALLS["cache_base"] * OVERHEAD[0]) / steps
-            row["v2drop_sched_ms"] = 1e3 * register / steps + row["v2drop_cache_cap_ms"]
-        if CALLS["mgr_total"]:
-            own = TIMES["mgr_total"] - TIMES["mgr_base"] - CALLS["mgr_base"] * OVERHEAD[0]
-            row["v2drop_sched_upper_ms"] = row["v2drop_sched_ms"] + 1e3 * own / steps
+        keys = list(dict.fromkeys(k for sample in samples for k in sample))
+        # medians over the steps: this machine's other jobs preempt single steps
+        row = {"mode": mode, "running": n, "steps": steps}
+        row.update({k: statistics.median(sample.get(k, 0.0) for sample in samples) for k in keys})
+        row["means"] = {k: statistics.fmean(sample.get(k, 0.0) for sample in samples) for k in keys}
+        if mode != "stock":  # the scheduling guard, measured against vLLM's own method
+            row["v2drop_guard_ms"] = guard_added_ms(engine)
+            row["v2drop_sched_ms"] += max(0.0, row["v2drop_guard_ms"])
+        if "v2drop_sched_upper_ms" in row:
+            row["v2drop_sched_upper_ms"] += max(0.0, row["v2drop_guard_ms"])
             row["coordinator_vs_vllm_ms"] = added = coordinator_added_ms(engine)  # < 0: faster than vLLM's loop
             row["v2drop_sched_ms"] += max(0.0, added)
-            row["kv_manager_calls_per_step"] = CALLS["mgr_total"] / steps
         rows.append(row)
         print(json.dumps(row), flush=True)
         engine.abort_request(ids)
@@ -237,7 +289,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="model directory (default: the tiny model of --arch, built if missing)")
     ap.add_argument("--counts", default="1,16,64,256,1024")
     ap.add_argument("--modes", default="stock,shared,per_stage")
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--kv-cache-bytes", type=int, default=None, help="KV pool (default: sized for the tiny models)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
@@ -246,7 +298,7 @@ def main(argv=None) -> int:
     from conftest import ensure_model
 
     model = args.model or str(ensure_model(args.arch))
-    OVERHEAD[0] = timer_overhead()
+    OVERHEAD[:] = timer_overhead()
     counts = [int(c) for c in args.counts.split(",")]
     rows = []
     for mode in args.modes.split(","):

@@ -123,3 +123,39 @@ def test_whole_item_limit():
     assert whole_item_limit(starts, ends, 352, 10) == 10  # text between items
     assert whole_item_limit(starts, ends, 500, 1) == 1  # decode
     assert whole_item_limit(np.zeros(0), np.zeros(0), 0, 50) == 50  # text only
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_steps_after_every_item_equal_plan_step(seed):
+    """The planner's path for steps in which every request has computed all its items (every
+    decode step; text chunks after the last item too): equal to plan_step, step after step with
+    the same batch (the planner's sync then compares one list), reordered, and grown."""
+    rng = np.random.default_rng(1000 + seed)
+    reqs = [random_request(rng) for _ in range(int(rng.integers(1, 30)))]
+    plans = {f"r{i}": plan_request(r["items"], r["prompt"], RATIOS, prune=r["prune"]) for i, r in enumerate(reqs)}
+    planner = BatchPlanner(len(RATIOS), lambda rid: plans[rid])
+    order = list(plans)
+    computed = {rid: max([int(it[-1]) + 1 for it in r["items"]] or [0]) + int(rng.integers(0, 5))
+                for rid, r in zip(order, reqs)}
+    for step in range(6):
+        if step == 3:
+            rng.shuffle(order)
+        nc = np.asarray([computed[r] for r in order])
+        ns = np.ones(len(order), np.int64) if step % 2 == 0 else rng.integers(1, 4, len(order))
+        planner.sync(list(order))
+        fast = planner.plan(nc, ns)
+        ref = plan_step([plans[r] for r in order], nc, ns)
+        if fast is None:
+            assert not ref.has_candidates and not ref.compacted
+        else:
+            assert not fast.has_candidates
+            for field in ("query_lens", "seq_lens", "kv_starts", "segment", "token_index",
+                          "seg_counts", "seg_request", "seg_item"):
+                np.testing.assert_array_equal(getattr(fast, field), getattr(ref, field), err_msg=field)
+        for r, n in zip(order, ns):
+            computed[r] += int(n)
+    nc_before = np.asarray([computed[r] for r in order])
+    step = planner.plan(nc_before, np.ones(len(order), np.int64))
+    if step is not None:  # the plan holds its own copy of the computed counts
+        nc_before += 1
+        np.testing.assert_array_equal(step.token_index, nc_before - 1)

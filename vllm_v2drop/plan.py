@@ -586,13 +586,24 @@ class BatchPlanner:
         self.plan_of = plan_of
         self.plans: dict[str, RequestPlan] = {}
         self.ids = np.empty(0, dtype=object)
+        self.synced: list[str] = []  # the request order of the last sync (a copy)
         self.rows: list[RequestPlan | None] = []
         self.first = np.zeros(0, dtype=np.int64)
         self.last = np.zeros(0, dtype=np.int64)
         self.dropped = np.zeros((0, num_stages + 1), dtype=np.int64)
+        self.any_dropped = False  # some synced request has lost rows
 
     def sync(self, req_ids: Sequence[str]) -> None:
-        """Align the rows with ``req_ids`` (the batch's order); plan requests seen for the first time."""
+        """Align the rows with ``req_ids`` (the batch's order); plan requests seen for the first time.
+
+        A step whose batch holds the same requests in the same order as the last one (most
+        decode steps) costs one list comparison: the ids are the same string objects, so it
+        compares pointers and reads no request's data.
+        """
+        if not isinstance(req_ids, list):
+            req_ids = list(req_ids)
+        if req_ids == self.synced:
+            return
         n = len(req_ids)
         if n > len(self.ids):
             grow = max(n, 2 * len(self.ids))
@@ -617,14 +628,18 @@ class BatchPlanner:
         if len(self.plans) > 2 * n + 64:  # forget finished requests, amortised
             live = set(req_ids)
             self.plans = {k: v for k, v in self.plans.items() if k in live}
+        self.synced = list(req_ids)
+        self.any_dropped = bool(self.dropped[:n, -1].any())  # a later stage has lost at least an earlier one's rows
 
     def plan(self, num_computed: np.ndarray, num_scheduled: np.ndarray) -> StepPlan | None:
         """:func:`plan_step` of the synced batch, or None when V2Drop changes nothing in the step."""
-        nc = np.asarray(num_computed, dtype=np.int64)
+        nc = np.array(num_computed, dtype=np.int64)  # a copy: a StepPlan may hold it (token_index)
         ns = np.asarray(num_scheduled, dtype=np.int64)
         n, end = len(nc), nc + ns
         first, last = self.first[:n], self.last[:n]
         done = nc >= last  # every item computed before this step (text only: last = 0)
+        if done.all():  # no vision row in this step (every decode step): a few array ops
+            return self._plan_done(nc, ns, end)
         mid = ~done & (end > first)  # this step computes vision rows (or stops between items)
         drop = np.where(done[:, None], self.dropped[:n], 0).T  # [S+1, n]
         if not mid.any() and not drop.any():
@@ -650,4 +665,31 @@ class BatchPlanner:
             seg_counts=seg[0],
             seg_request=seg[1],
             seg_item=seg[2],
+        )
+
+    def _plan_done(self, nc: np.ndarray, ns: np.ndarray, end: np.ndarray) -> StepPlan | None:
+        """:meth:`plan` of a step where every request has computed all its items before the step
+        (every decode step): each stage's view is the original one less the rows each request has
+        lost by that stage, and no row is a candidate."""
+        n = len(nc)
+        if not (self.any_dropped if n == len(self.synced) else self.dropped[:n, -1].any()):
+            return None
+        drop = self.dropped[:n].T
+        seq_lens = end - drop
+        kv_starts = seq_lens - ns
+        if (ns == 1).all():
+            token_index = nc
+        else:
+            row_start = np.cumsum(ns) - ns
+            token_index = np.arange(int(ns.sum()), dtype=np.int64) - np.repeat(row_start - nc, ns)
+        num_stages = self.num_stages
+        return StepPlan(
+            query_lens=seq_lens - kv_starts,
+            seq_lens=seq_lens,
+            kv_starts=kv_starts,
+            segment=np.full(len(token_index), -1, dtype=np.int64),
+            token_index=token_index,
+            seg_counts=np.zeros((0, num_stages + 1), np.int64),
+            seg_request=np.zeros(0, np.int64),
+            seg_item=np.zeros(0, np.int64),
         )

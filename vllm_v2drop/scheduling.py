@@ -58,16 +58,19 @@ def install() -> None:
         return
 
     @functools.wraps(original)
-    def _try_schedule_encoder_inputs(self, request, num_computed_tokens, num_new_tokens, *args, **kwargs):
-        if num_new_tokens > 0 and request.mm_features:
-            last_end = request.__dict__.get("_v2drop_last_end")  # a Python int: decode steps return at once
-            if last_end is None:
-                ends = item_bounds(request)[1] if _is_v2drop(self) else ()
-                last_end = request._v2drop_last_end = int(ends[-1]) if len(ends) else -1
-            if num_computed_tokens < last_end:
-                starts, ends = item_bounds(request)
-                num_new_tokens = whole_item_limit(starts, ends, num_computed_tokens, num_new_tokens)
-        return original(self, request, num_computed_tokens, num_new_tokens, *args, **kwargs)
+    def _try_schedule_encoder_inputs(self, request, num_computed_tokens, num_new_tokens, encoder_compute_budget,
+                                     shift_computed_tokens=0):
+        # vLLM 0.32's signature spelled out (no *args / **kwargs packing): called for every running
+        # multimodal request and step; a decode step pays one dict lookup and one comparison
+        last_end = request.__dict__.get("_v2drop_last_end")  # a Python int once computed
+        if last_end is None:
+            ends = item_bounds(request)[1] if request.mm_features and _is_v2drop(self) else ()
+            last_end = request._v2drop_last_end = int(ends[-1]) if len(ends) else -1
+        if num_computed_tokens < last_end and num_new_tokens > 0:
+            starts, ends = item_bounds(request)
+            num_new_tokens = whole_item_limit(starts, ends, num_computed_tokens, num_new_tokens)
+        return original(self, request, num_computed_tokens, num_new_tokens, encoder_compute_budget,
+                        shift_computed_tokens)
 
     _try_schedule_encoder_inputs.__v2drop__ = True
     Scheduler._try_schedule_encoder_inputs = _try_schedule_encoder_inputs

@@ -33,6 +33,8 @@ def install() -> None:
         runtime: V2DropRuntime | None = getattr(self.get_model(), "v2drop_runtime", None)
         if runtime is None:
             return original(self, *args, **kwargs)
+        if "_v2drop_build_reuse" not in self.__dict__:
+            _reuse_stage_builds(self, runtime)  # from the next step on
         batch = read_batch(self)
         step = runtime.plan_step(batch) if batch is not None else None
         if step is not None:
@@ -42,6 +44,52 @@ def install() -> None:
 
     _model_forward.__v2drop__ = True
     GPUModelRunner._model_forward = _model_forward
+
+
+def _builder_key(builder) -> tuple:
+    """What a built attention metadata depends on besides the step's arrays, block table and slots."""
+    return (type(builder), *(getattr(builder, a, None) for a in (
+        "block_size", "num_heads", "num_kv_heads", "head_dim", "window_size", "isa", "dtype", "kv_cache_dtype")))
+
+
+def _reuse_stage_builds(runner, runtime: V2DropRuntime) -> None:
+    """Spare vLLM's own per-step metadata build for the KV-cache groups that hold only layers of
+    stages >= 1 (``kv_mode: per_stage``: one group per stage layer here).
+
+    vLLM builds attention metadata for every KV-cache group each step (the CPU backend's build
+    computes its O(batch) scheduler metadata; it cannot ``update_block_table``). V2Drop replaces
+    those groups' metadata whenever a step compacts anything (:func:`install_stage_metadata`),
+    and otherwise they see the original view, the same metadata as the step's first group with
+    their own block table and slots: what :func:`_retarget` makes of the step's first build, as
+    vLLM itself does across groups whose builder can ``update_block_table``. Groups with another
+    builder or builder settings than that first build are built as before.
+    """
+    runner._v2drop_build_reuse = last = {}  # the step's first build: (its common metadata, the metadata)
+    staged = set()
+    for stage in range(1, len(runtime.schedule.layers) + 1):
+        staged.update(runtime.stage_layer_names(stage))
+    for attn_groups in runner.attn_groups:
+        for group in attn_groups:
+            if "build_metadata" in group.__dict__:
+                continue
+            own = bool(group.layer_names) and set(group.layer_names) <= staged
+            group.build_metadata = functools.partial(_build_or_reuse, group, group.build_metadata, own, last)
+
+
+def _build_or_reuse(group, build, own: bool, last: dict, common, ubid: int = 0, **kwargs):
+    ref = last.get("ref")
+    if (own and ref is not None and not kwargs and ubid == 0 and ref[0].seq_lens is common.seq_lens
+            and ref[0].query_start_loc is common.query_start_loc and ref[0].num_reqs == common.num_reqs
+            and ref[0].num_actual_tokens == common.num_actual_tokens
+            and getattr(common, "encoder_seq_lens", None) is None
+            and ref[2] == _builder_key(group.get_metadata_builder())):
+        out = _retarget(group, ref[1], common.block_table_tensor, common.slot_mapping)
+        if out is not None:
+            return out
+    out = build(common, ubid, **kwargs)
+    if not own and ubid == 0 and not kwargs and (ref is None or ref[0].seq_lens is not common.seq_lens):
+        last["ref"] = (common, out, _builder_key(group.get_metadata_builder()))
+    return out
 
 
 def read_batch(runner) -> BatchView | None:
@@ -59,8 +107,9 @@ def read_batch(runner) -> BatchView | None:
         state = runner.requests[req_id]
         return request_view(req_id, state.num_prompt_tokens, state.mm_features, state.sampling_params)
 
+    ids = batch.req_ids  # the batch's own list, not copied (the planner compares it with its copy)
     return BatchView(
-        req_ids=list(batch.req_ids[:n]),
+        req_ids=ids if len(ids) == n else ids[:n],
         num_computed=batch.num_computed_tokens_cpu[:n].astype(np.int64),
         num_scheduled=np.diff(query_start_loc).astype(np.int64),
         describe=describe,
@@ -83,6 +132,7 @@ def _stage_groups(runner, runtime: V2DropRuntime, stage: int) -> list[tuple[int,
                 if not mine:
                     continue
                 g = copy.copy(group)
+                g.__dict__.pop("build_metadata", None)  # the class's own build (see _reuse_stage_builds)
                 g.layer_names, g.metadata_builders = mine, []
                 g.create_metadata_builders(runner.vllm_config, runner.device, group.kernel_block_size)
                 groups.append((gid, g))
@@ -103,6 +153,27 @@ def _slot_mapping(table, qsl: torch.Tensor, kv_pos: torch.Tensor, length: int) -
         table.block_size, table.dcp_world_size, table.dcp_rank, table.cp_kv_cache_interleave_size,
     )
     return out
+
+
+def _host_decode_slots(table, kv_pos: np.ndarray, index_cache: dict) -> np.ndarray | None:
+    """Slots of a decode step's rows in every stage, ``[S+1, n]`` int64 (request ``r``'s one row of
+    stage ``s`` at ``kv_pos[s, r]``), read off the group's host block table where the device is the
+    host (CPU): a few NumPy operations for all stages, against dispatching vLLM's slot-mapping
+    kernel (its C++ fallback) once per group and stage. ``index_cache`` shares the block indices
+    between the step's groups. None where the table is split across context-parallel ranks."""
+    if table.dcp_world_size != 1:
+        return None
+    bt, bs = table.block_table.np, table.block_size
+    key = (bt.shape[1], bs)
+    prep = index_cache.get(key)
+    if prep is None:
+        blk, off = np.divmod(kv_pos, bs)
+        blk += np.arange(kv_pos.shape[1], dtype=np.int64) * bt.shape[1]  # flat index into the table
+        prep = index_cache[key] = (blk, off)
+    blk, off = prep
+    slots = np.multiply(bt.reshape(-1).take(blk), bs, dtype=np.int64)
+    slots += off
+    return slots
 
 
 def _retarget(group, built, block_table: torch.Tensor, slots: torch.Tensor):
@@ -126,9 +197,10 @@ def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> No
     computed once for all its KV-cache groups, and the slot mappings on the device from each
     group's block table. A stage whose view equals the stage before it (no request lost rows
     there) reuses that stage's metadata for the same group; the other groups of a stage reuse its
-    first group's build with their own block table. A pure decode step copies only the stage's
-    sequence lengths: its query offsets are the runner's own and every request's one row sits at
-    ``seq_len - 1``.
+    first group's build with their own block table. A pure decode step copies only the stages'
+    sequence lengths (one copy for all stages): its query offsets are the runner's own and every
+    request's one row sits at ``seq_len - 1``; on a CPU device its slots are read off the host
+    block table (:func:`_host_decode_slots`).
     """
     from vllm.forward_context import get_forward_context
     from vllm.v1.attention.backend import CommonAttentionMetadata
@@ -145,34 +217,63 @@ def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> No
             if name in slot_mapping:
                 slot_mapping[name] = slot_mapping[name][: step.num_rows(0)]
     decode = not step.has_candidates and bool((step.query_lens[0] == 1).all())
-    if decode:  # the runner's own query offsets: one row per request in every stage
+    if decode:  # one row per request in every stage: all stages' arrays at once
         qsl_cpu, qsl_dev = runner.query_start_loc.cpu[: n + 1], runner.query_start_loc.gpu[: n + 1]
+        seq_np = step.seq_lens.astype(np.int32)  # [S+1, n]
+        same_as_before = [False, *(seq_np[1:] == seq_np[:-1]).all(axis=1).tolist()]
+        max_seq_lens = seq_np.max(axis=1).tolist()
+        seq_all_cpu = torch.from_numpy(seq_np)
+        seq_all_dev = seq_all_cpu.to(device, non_blocking=True)  # one copy for every stage
+        host = device.type == "cpu"  # slots from the host block table (the device is the host)
+        kv_pos_all = step.seq_lens - 1 if host else seq_all_dev.to(torch.int64) - 1
+        host_slots: dict[int, np.ndarray | None] = {}  # per group, every stage's slots (host only)
+        index_cache: dict = {}
     previous: dict[int, tuple] = {}
     for stage in range(1, step.num_stages + 1):
         groups = _stage_groups(runner, runtime, stage)
-        same_view = (np.array_equal(step.seq_lens[stage], step.seq_lens[stage - 1])
-                     and np.array_equal(step.query_lens[stage], step.query_lens[stage - 1]))
+        if decode:
+            same_view = same_as_before[stage]
+        else:
+            same_view = (np.array_equal(step.seq_lens[stage], step.seq_lens[stage - 1])
+                         and np.array_equal(step.query_lens[stage], step.query_lens[stage - 1]))
         if same_view and all(gid in previous for gid, _ in groups):
             for gid, group in groups:
                 built, slots_t = previous[gid]
                 for name in group.layer_names:
                     metadata[name], slot_mapping[name] = built, slots_t
             continue
-        seq_cpu = torch.from_numpy(step.seq_lens[stage].astype(np.int32))
-        seq_dev = seq_cpu.to(device, non_blocking=True)
         if decode:
-            kv_pos = seq_dev.to(torch.int64) - 1
+            # each stage its own tensors: rows of the [S+1, n] tensor given to vLLM 0.32's CPU
+            # attention as seq_lens gave wrong tokens (test_batch_equals_alone)
+            seq_cpu = seq_all_cpu[stage].clone()
+            seq_dev = seq_cpu if host else seq_all_dev[stage].clone()
+            kv_pos = kv_pos_all[stage]
+            max_query_len, max_seq_len = 1, max_seq_lens[stage]
         else:
+            seq_cpu = torch.from_numpy(step.seq_lens[stage].astype(np.int32))
+            seq_dev = seq_cpu.to(device, non_blocking=True)
             qsl_cpu = torch.from_numpy(step.query_start_loc(stage))
             qsl_dev = qsl_cpu.to(device, non_blocking=True)
             kv_pos = torch.from_numpy(step.kv_positions(stage)).to(device, non_blocking=True)
+            max_query_len, max_seq_len = int(step.query_lens[stage].max()), int(step.seq_lens[stage].max())
         num_rows = int(kv_pos.shape[0])
         length = num_rows if step.has_candidates else max(num_rows, padded_len)
-        max_query_len, max_seq_len = int(step.query_lens[stage].max()), int(step.seq_lens[stage].max())
         current, first = {}, None
         for gid, group in groups:
             table = batch.block_table[gid]
-            slots_t = _slot_mapping(table, qsl_dev, kv_pos, length)
+            slots_t = None
+            if decode and host:
+                if gid not in host_slots:
+                    host_slots[gid] = _host_decode_slots(table, kv_pos_all, index_cache)
+                if host_slots[gid] is not None:
+                    slots_np = host_slots[gid][stage]
+                    if length > num_rows:
+                        slots_np = np.concatenate([slots_np, np.full(length - num_rows, -1, np.int64)])
+                    slots_t = torch.from_numpy(slots_np)
+            if slots_t is None:
+                if isinstance(kv_pos, np.ndarray):
+                    kv_pos = torch.from_numpy(kv_pos)
+                slots_t = _slot_mapping(table, qsl_dev, kv_pos, length)
             block_table = table.get_device_tensor(n)
             built = None if first is None else _retarget(group, first, block_table, slots_t)
             if built is None:
