@@ -33,7 +33,8 @@ def install() -> None:
         runtime: V2DropRuntime | None = getattr(self.get_model(), "v2drop_runtime", None)
         if runtime is None:
             return original(self, *args, **kwargs)
-        if "_v2drop_build_reuse" not in self.__dict__:
+        groups = self.attn_groups  # filled when the KV cache is set up, after the profile run
+        if groups and groups[0] and self.__dict__.get("_v2drop_build_reuse") is not groups[0][0]:
             _reuse_stage_builds(self, runtime)  # from the next step on
         batch = read_batch(self)
         step = runtime.plan_step(batch) if batch is not None else None
@@ -64,7 +65,8 @@ def _reuse_stage_builds(runner, runtime: V2DropRuntime) -> None:
     vLLM itself does across groups whose builder can ``update_block_table``. Groups with another
     builder or builder settings than that first build are built as before.
     """
-    runner._v2drop_build_reuse = last = {}  # the step's first build: (its common metadata, the metadata)
+    runner._v2drop_build_reuse = runner.attn_groups[0][0]  # installed for these groups
+    last: dict = {}  # the step's first build: (its common metadata, the metadata, its builder's key)
     staged = set()
     for stage in range(1, len(runtime.schedule.layers) + 1):
         staged.update(runtime.stage_layer_names(stage))
