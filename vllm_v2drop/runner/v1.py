@@ -157,19 +157,20 @@ def _slot_mapping(table, qsl: torch.Tensor, kv_pos: torch.Tensor, length: int) -
     return out
 
 
-def _host_decode_slots(table, kv_pos: np.ndarray, index_cache: dict) -> np.ndarray | None:
-    """Slots of a decode step's rows in every stage, ``[S+1, n]`` int64 (request ``r``'s one row of
-    stage ``s`` at ``kv_pos[s, r]``), read off the group's host block table where the device is the
-    host (CPU): a few NumPy operations for all stages, against dispatching vLLM's slot-mapping
-    kernel (its C++ fallback) once per group and stage. ``index_cache`` shares the block indices
-    between the step's groups. None where the table is split across context-parallel ranks."""
+def _host_decode_slots(table, kv_pos: np.ndarray, stages: tuple[int, ...], index_cache: dict) -> np.ndarray | None:
+    """Slots of a decode step's rows in ``stages``, ``[len(stages), n]`` int64 (request ``r``'s one
+    row of stage ``s`` at ``kv_pos[s, r]``), read off the group's host block table where the device
+    is the host (CPU): a few NumPy operations for all the group's stages, against dispatching
+    vLLM's slot-mapping kernel (its C++ fallback) once per group and stage. ``index_cache`` shares
+    the block indices between the step's groups. None where the table is split across
+    context-parallel ranks."""
     if table.dcp_world_size != 1:
         return None
     bt, bs = table.block_table.np, table.block_size
-    key = (bt.shape[1], bs)
+    key = (bt.shape[1], bs, stages)
     prep = index_cache.get(key)
     if prep is None:
-        blk, off = np.divmod(kv_pos, bs)
+        blk, off = np.divmod(kv_pos[list(stages)], bs)
         blk += np.arange(kv_pos.shape[1], dtype=np.int64) * bt.shape[1]  # flat index into the table
         prep = index_cache[key] = (blk, off)
     blk, off = prep
@@ -228,8 +229,12 @@ def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> No
         seq_all_dev = seq_all_cpu.to(device, non_blocking=True)  # one copy for every stage
         host = device.type == "cpu"  # slots from the host block table (the device is the host)
         kv_pos_all = step.seq_lens - 1 if host else seq_all_dev.to(torch.int64) - 1
-        host_slots: dict[int, np.ndarray | None] = {}  # per group, every stage's slots (host only)
+        host_slots: dict[int, np.ndarray | None] = {}  # per group, the slots of its stages (host only)
         index_cache: dict = {}
+        group_stages: dict[int, tuple[int, ...]] = {}  # the stages each KV-cache group serves
+        for stage in range(1, step.num_stages + 1) if host else ():
+            for gid, _ in _stage_groups(runner, runtime, stage):
+                group_stages[gid] = (*group_stages.get(gid, ()), stage)
     previous: dict[int, tuple] = {}
     for stage in range(1, step.num_stages + 1):
         groups = _stage_groups(runner, runtime, stage)
@@ -266,9 +271,9 @@ def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> No
             slots_t = None
             if decode and host:
                 if gid not in host_slots:
-                    host_slots[gid] = _host_decode_slots(table, kv_pos_all, index_cache)
+                    host_slots[gid] = _host_decode_slots(table, kv_pos_all, group_stages[gid], index_cache)
                 if host_slots[gid] is not None:
-                    slots_np = host_slots[gid][stage]
+                    slots_np = host_slots[gid][group_stages[gid].index(stage)]
                     if length > num_rows:
                         slots_np = np.concatenate([slots_np, np.full(length - num_rows, -1, np.int64)])
                     slots_t = torch.from_numpy(slots_np)
