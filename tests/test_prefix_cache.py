@@ -250,3 +250,29 @@ def test_level2_chat_turns_hit_through_the_image(engine):
     if mode == "per_stage":  # another budget lays the image's rows out differently: no hit past it
         _, hits, tokens = hits_of(llm, reqs[1], v2drop_target_retention=0.5)
         assert tokens == other_budget and hits == (image_start // BS) * BS
+
+
+def test_level2_hits_the_answer_the_turn_before_generated(engine):
+    """A chat client sends turn 1's own answer back in turn 2: ``per_stage`` blocks of generated
+    tokens are cached in every stage too, so turn 2 hits past turn 1's prompt, through its answer."""
+    llm, model_dir, mode = engine
+    from vllm import SamplingParams
+
+    tok = _tokenizer(str(model_dir))
+    first = request(model_dir, [("Tell me about it.", None)], 41)
+    out = llm.generate([first], SamplingParams(temperature=0.0, max_tokens=70, ignore_eos=True),
+                       use_tqdm=False)[0]
+    prompt_len, answer = len(out.prompt_token_ids), list(out.outputs[0].token_ids)
+    suffix = tok("<|im_end|>\n<|im_start|>user\nAnd then?<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
+    second = {"prompt_token_ids": tok(first["prompt"])["input_ids"] + answer + suffix,
+              "multi_modal_data": first["multi_modal_data"]}
+    alone = llm.generate([{**second, "cache_salt": "answer"}], SamplingParams(temperature=0.0, max_tokens=8),
+                         use_tqdm=False)[0].outputs[0].token_ids
+    queries, hits, tokens = hits_of(llm, second)
+    assert tokens == list(alone)
+    assert queries == prompt_len + len(answer) + len(suffix)
+    reusable = ((prompt_len + len(answer)) // BS) * BS  # turn 1's full blocks, its answer's included
+    if mode == "shared":
+        assert hits == (first_image_position(llm, first) // BS) * BS
+    else:
+        assert prompt_len < reusable - BS < hits <= reusable

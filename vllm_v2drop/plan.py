@@ -220,11 +220,10 @@ class RequestPlan:
         keep_ratios, min_keep: what the counts were made with (they name a plan's layout in
             prefix-cache keys: two requests with the same prompt prefix and these lay out the
             prefix's KV rows identically).
-        stable_end: the prompt prefix whose counts do not depend on the prompt's length (the
-            start of an item that lost the prompt's last row to the rule below; else the prompt
-            length).
+        stable_end: where the counts start to depend on the prompt's length: the start of an
+            item that lost the prompt's last row to the rule below; else ``2**62`` (everything,
+            generated tokens included, is laid out the same in a longer prompt).
     """
-
 
     num_prompt_tokens: int
     positions: tuple[np.ndarray, ...]
@@ -234,7 +233,7 @@ class RequestPlan:
     pruned: bool
     keep_ratios: tuple[float, ...] = ()
     min_keep: int = 1
-    stable_end: int = 0
+    stable_end: int = 2**62
 
     @property
     def num_items(self) -> int:
@@ -390,7 +389,7 @@ def plan_request(
     last = num_prompt_tokens - 1
     positions: list[np.ndarray] = []
     prev_end = 0
-    stable_end = num_prompt_tokens
+    stable_end = 2**62
     for i, item in enumerate(items):
         pos = np.asarray(item, dtype=np.int64).reshape(-1)
         if pos.size and (np.any(np.diff(pos) <= 0) or pos[0] < 0 or pos[-1] > last):

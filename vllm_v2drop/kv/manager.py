@@ -312,11 +312,14 @@ class V2DropCoordinator(KVCacheCoordinator):
             else:
                 manager.cache_blocks(request, full * size, retention_interval=self.retention_interval,
                                      replay_boundaries=boundaries)
-        _, last, dropped = plans.plans[rid].summary
+        plan = plans.plans[rid]
+        _, last, dropped = plan.summary
         if num_computed_tokens >= last:  # past its items a stage fills its next block at a known length
-            request._v2drop_cache_from = (request.num_preemptions, min(
-                (manager.num_cached_block.get(rid, 0) + 1) * size + dropped[s]
-                for manager, s in zip(self.single_type_managers, self._v2drop_stages)))
+            # (a stage s >= 1 whose next block depends on a row past stable_end never gets a key)
+            nxt = [n for manager, s in zip(self.single_type_managers, self._v2drop_stages)
+                   for n in [(manager.num_cached_block.get(rid, 0) + 1) * size + dropped[s]]
+                   if s == 0 or n <= plan.stable_end]
+            request._v2drop_cache_from = (request.num_preemptions, min(nxt, default=math.inf))
 
     @classmethod
     def adopt(cls, coordinator, schedule) -> None:
