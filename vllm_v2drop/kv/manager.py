@@ -314,11 +314,13 @@ class V2DropCoordinator(KVCacheCoordinator):
                                      replay_boundaries=boundaries)
         plan = plans.plans[rid]
         _, last, dropped = plan.summary
-        if num_computed_tokens >= last:  # past its items a stage fills its next block at a known length
-            # (a stage s >= 1 whose next block depends on a row past stable_end never gets a key)
-            nxt = [n for manager, s in zip(self.single_type_managers, self._v2drop_stages)
-                   for n in [(manager.num_cached_block.get(rid, 0) + 1) * size + dropped[s]]
-                   if s == 0 or n <= plan.stable_end]
+        if num_computed_tokens >= last:
+            # Past its items, a stage's next block j ends at prompt position q = (j+1) B - 1 + dropped;
+            # it is cached once vLLM has hashed the block holding q (a stage s >= 1 block whose q
+            # lies past stable_end never gets a key).
+            nxt = [(q // size + 1) * size for manager, s in zip(self.single_type_managers, self._v2drop_stages)
+                   for q in [(manager.num_cached_block.get(rid, 0) + 1) * size - 1 + dropped[s]]
+                   if s == 0 or q < plan.stable_end]
             request._v2drop_cache_from = (request.num_preemptions, min(nxt, default=math.inf))
 
     @classmethod
