@@ -62,11 +62,12 @@ def turn_request(model_dir: str, turn: int, seed: int, size: str) -> dict:
 
 
 def run_engine(name: str, model_dir: str, chats: int, size: str) -> dict:
-    import glob
     import tempfile
 
     from conftest import llm_engine
     from vllm import SamplingParams
+
+    from vllm_v2drop.runtime import encoder_runs
 
     kw = dict(ENGINES[name])
     trace = tempfile.mkdtemp(prefix="v2drop-bench-")
@@ -74,7 +75,7 @@ def run_engine(name: str, model_dir: str, chats: int, size: str) -> dict:
         kw["additional_config"] = {"v2drop": {"kv_mode": kw.pop("kv_mode", "shared"), "trace": trace}}
 
     def encoded() -> int:
-        return sum(int(line.split()[1]) for p in glob.glob(f"{trace}/v2drop-encoder-*.log") for line in open(p))
+        return encoder_runs(trace)
 
     params = SamplingParams(temperature=0.0, max_tokens=1)
     ttft: list[list[float]] = [[] for _ in TURNS]

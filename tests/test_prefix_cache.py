@@ -19,9 +19,7 @@ then show the hits promised:
 
 from __future__ import annotations
 
-import glob
 import itertools
-import os
 
 import pytest
 
@@ -124,9 +122,10 @@ def engine(request, tmp_path_factory):
 
 
 def encoded(llm) -> int:
-    """Vision items the engine's encoder has run on so far (``V2DropRuntime.encoded``)."""
-    paths = glob.glob(os.path.join(llm._v2drop_trace, "v2drop-encoder-*.log"))
-    return sum(int(line.split()[1]) for p in paths for line in open(p))
+    """Vision items the engine's encoder has run on so far."""
+    from vllm_v2drop.runtime import encoder_runs
+
+    return encoder_runs(llm._v2drop_trace)
 
 
 def test_prefix_caching_is_on(engine):

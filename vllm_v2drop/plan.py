@@ -19,6 +19,7 @@ Vocabulary
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -316,6 +317,12 @@ class RequestPlan:
         return prefix_lens - self.dropped_before_many(stage, prefix_lens)
 
     # ---- prefix caching of compacted KV (kv_mode: per_stage) ------------------------------------
+    @cached_property
+    def layout_digest(self) -> bytes:
+        """8 bytes naming how this plan lays rows out (its keep ratios and ``min_keep``): part of the
+        prefix-cache key of every compacted block."""
+        return hashlib.blake2b(repr((self.keep_ratios, self.min_keep)).encode(), digest_size=8).digest()
+
     def original_rows(self, stage: int, compact_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Where compacted rows of stage ``stage`` come from: ``(position, item)`` per row.
 

@@ -346,8 +346,8 @@ class V2DropRuntime:
 
     def encoded(self, items: int) -> None:
         """The vision encoder ran on ``items`` items in this step. With ``trace`` set, a line
-        ``encoded <items>`` goes to ``v2drop-encoder-<pid>.log`` there (tests count encoder runs:
-        an image served from the prefix cache is not encoded again)."""
+        ``encoded <items>`` goes to ``v2drop-encoder-<pid>.log`` there (:func:`encoder_runs` sums
+        them: an image served from the prefix cache is not encoded again)."""
         if self.schedule.trace and items:
             os.makedirs(self.schedule.trace, exist_ok=True)
             with open(os.path.join(self.schedule.trace, f"v2drop-encoder-{os.getpid()}.log"), "a") as f:
@@ -388,3 +388,11 @@ class V2DropRuntime:
             if len(it.positions) and it.positions[0] <= positions[0] <= it.positions[-1]:
                 return it.modality
         return "?"
+
+
+def encoder_runs(trace_dir: str) -> int:
+    """Vision items encoded so far by the engines writing to ``trace_dir`` (:meth:`V2DropRuntime.encoded`)."""
+    import glob
+
+    paths = glob.glob(os.path.join(trace_dir, "v2drop-encoder-*.log"))
+    return sum(int(line.split()[1]) for p in paths for line in open(p))

@@ -43,7 +43,6 @@ nothing (text-only, ``v2drop_off``) cache and hit as in stock vLLM.
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 from collections.abc import Sequence
 
@@ -92,7 +91,7 @@ class StagePlans:
         plan = self.plans[request.request_id]
         hashes = request.block_hashes
         limit = min(len(hashes) * block_size, plan.stable_end)
-        digest = hashlib.blake2b(repr((plan.keep_ratios, plan.min_keep)).encode(), digest_size=8).digest()
+        digest = plan.layout_digest
         q = plan.block_key_positions(stage, num_blocks, block_size).tolist()
         for j in range(len(keys), num_blocks):
             if q[j] >= limit:
@@ -297,7 +296,8 @@ class V2DropCoordinator(KVCacheCoordinator):
         # per_stage: each stage's full compact blocks, stage s >= 1 under its own keys
         plans, size = self._v2drop_plans, self.scheduler_block_size
         rid = request.request_id
-        lens = plans.plans[rid].compact_lens(num_computed_tokens)
+        plan = plans.plans[rid]
+        lens = plan.compact_lens(num_computed_tokens)
         boundaries = (request.num_prompt_tokens - 1,)  # vLLM's replay_boundaries without EAGLE
         for manager, s in zip(self.single_type_managers, self._v2drop_stages):
             full = lens[s] // size
@@ -312,7 +312,6 @@ class V2DropCoordinator(KVCacheCoordinator):
             else:
                 manager.cache_blocks(request, full * size, retention_interval=self.retention_interval,
                                      replay_boundaries=boundaries)
-        plan = plans.plans[rid]
         _, last, dropped = plan.summary
         if num_computed_tokens >= last:
             # Past its items, a stage's next block j ends at prompt position q = (j+1) B - 1 + dropped;
