@@ -7,18 +7,20 @@ executor) three ways: stock vLLM, V2Drop ``kv_mode: shared`` and ``kv_mode: per_
 For each count N it admits N one-image requests, waits until all N are decoding, and then
 times ``--steps`` pure decode steps with wrappers around:
 
-* worker, V2Drop: ``V2DropRuntime.plan_step`` (planning) and ``runner.v1.install_stage_metadata``
-  (per-stage attention metadata and slot mappings), together ``v2drop_worker_ms``;
+* worker, V2Drop: ``runner.v1.read_batch`` and ``V2DropRuntime.plan_step`` (reading the step off
+  the runner, planning) and ``runner.v1.install_stage_metadata`` (per-stage attention metadata and
+  slot mappings), together ``v2drop_worker_ms``;
 * scheduler, V2Drop, ``v2drop_sched_ms``: plans built for requests (``StagePlans.register``: none
-  on a decode step), the prefix-cache cap around vLLM's ``cache_blocks`` (``v2drop_cache_cap_ms``,
-  every scheduled request: the override's time less vLLM's method it calls and the timers' own
-  cost), the scheduling guard around vLLM's ``_try_schedule_encoder_inputs`` (``v2drop_guard_ms``,
-  every running multimodal request: the wrapped method against vLLM's own on the same requests)
-  and, in ``per_stage``, the coordinator's compact counts, measured as
-  its per-step calls against vLLM's own coordinator on the same requests (``coordinator_vs_vllm_ms``;
-  ``v2drop_sched_upper_ms`` counts instead everything in its calls but the managers', vLLM's own
-  loop over the groups included); and the whole ``Scheduler.schedule()``, ``schedule_ms``, whose
-  difference to stock also holds vLLM's own work for the extra KV-cache groups;
+  on a decode step), the prefix-cache cap (``v2drop_cache_cap_ms``: the coordinator's
+  ``cache_blocks``, called for every scheduled request, V2Drop's override against vLLM's own in the
+  stock run at the same count; negative where the override saves vLLM's work), the scheduling guard
+  around vLLM's ``_try_schedule_encoder_inputs`` (``v2drop_guard_ms``, every running multimodal
+  request: the wrapped method against vLLM's own on the same requests) and, in ``per_stage``, the
+  coordinator's compact counts (``coordinator_vs_vllm_ms``: its per-step calls against vLLM's own
+  coordinator on the same requests; ``v2drop_sched_upper_ms`` counts instead everything in its calls
+  but the managers', vLLM's own loop over the groups included). Each part counts when positive. The
+  whole ``Scheduler.schedule()``, ``schedule_ms``, also holds vLLM's own work for the extra KV-cache
+  groups of ``per_stage``;
 * stock host work of the same step: ``GPUModelRunner._prepare_inputs`` + ``_build_attention_metadata``
   (``stock_worker_ms``) and ``Scheduler.schedule()`` (``schedule_ms`` of the stock run).
 
@@ -49,6 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 OVERHEAD = [0.0, 0.0]  # seconds a ``timed`` wrapper adds to a call; of them, inside its own measured interval
 TIMES: dict[str, float] = defaultdict(float)
 CALLS: dict[str, int] = defaultdict(int)
+WRAPPED: list[tuple[object, str, object]] = []  # (owner, name, what it had before), to undo per engine
 
 
 def timed(owner, name: str, key: str) -> None:
@@ -71,35 +74,47 @@ def timed(owner, name: str, key: str) -> None:
 
     wrapper.__timed__ = key
     wrapper.__wrapped__ = original
+    WRAPPED.append((owner, name, owner.__dict__.get(name)))
     setattr(owner, name, wrapper)
 
 
-def install_timers() -> None:
+def remove_timers() -> None:
+    """Undo :func:`timed`, last first (a method timed for one engine is not timed inside the next)."""
+    while WRAPPED:
+        owner, name, before = WRAPPED.pop()
+        if before is None:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, before)
+
+
+def install_timers(engine) -> None:
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from vllm_v2drop.kv.manager import StagePlans, _coordinator_classes
+    from vllm_v2drop.kv.manager import StagePlans
     from vllm_v2drop.runner import v1
     from vllm_v2drop.runtime import V2DropRuntime
 
     timed(Scheduler, "schedule", "schedule_ms")
     timed(GPUModelRunner, "_prepare_inputs", "stock_worker_ms")
     timed(GPUModelRunner, "_build_attention_metadata", "stock_worker_ms")
+    timed(v1, "read_batch", "v2drop_plan_ms")  # reading the step off the runner counts as planning
     timed(V2DropRuntime, "plan_step", "v2drop_plan_ms")
     timed(v1, "install_stage_metadata", "v2drop_metadata_ms")
     timed(StagePlans, "register", "v2drop_register_ms")
-    # V2Drop's coordinator replaces vLLM's per-group loop: its own cost is the time in the override
-    # minus the time in the managers' methods it calls (less the inner timer's own overhead,
-    # calibrated); vLLM's own loop over the groups is counted as V2Drop's (an upper bound).
-    for coordinator_class in _coordinator_classes.values():  # made when a V2Drop engine starts
-        if "get_num_blocks_to_allocate" in vars(coordinator_class):  # per_stage
-            for name in ("get_num_blocks_to_allocate", "allocate_new_blocks"):
-                timed(coordinator_class, name, "mgr_total")
-                timed(FullAttentionManager, name, "mgr_base")
-        # the prefix-cache cap around vLLM's own cache_blocks (every scheduled request, every step)
-        timed(coordinator_class, "cache_blocks", "cache_total")
-        timed(coordinator_class.__bases__[0], "cache_blocks", "cache_base")
+    coordinator_class = type(engine.engine_core.engine_core.scheduler.kv_cache_manager.coordinator)
+    # the coordinator's cache_blocks, every scheduled request and step: vLLM's own in the stock run,
+    # V2Drop's override (the prefix-cache cap, its calls of vLLM's method included) in the others
+    timed(coordinator_class, "cache_blocks", "cache_blocks")
+    if "get_num_blocks_to_allocate" in vars(coordinator_class):  # V2Drop's per_stage coordinator
+        # it replaces vLLM's per-group loop: its own cost is the time in the override minus the time
+        # in the managers' methods it calls (less the inner timer's own overhead, calibrated);
+        # vLLM's own loop over the groups is counted as V2Drop's (an upper bound)
+        for name in ("get_num_blocks_to_allocate", "allocate_new_blocks"):
+            timed(coordinator_class, name, "mgr_total")
+            timed(FullAttentionManager, name, "mgr_base")
 
 
 def timer_overhead() -> tuple[float, float]:
@@ -183,17 +198,26 @@ def step_row(mode: str, wall: float, times: dict, calls: dict) -> dict:
     row.update({k: 1e3 * v for k, v in times.items() if not k.startswith(("mgr_", "cache_", "_"))})
     if "v2drop_plan_ms" in row:
         row["v2drop_worker_ms"] = row["v2drop_plan_ms"] + row.get("v2drop_metadata_ms", 0.0)
-    if mode != "stock":  # the scheduler side: plans built (new requests), cache cap, coordinator
-        row["v2drop_cache_cap_ms"] = 1e3 * (times.get("cache_total", 0.0) - times.get("cache_base", 0.0)
-                                            - calls.get("cache_base", 0) * OVERHEAD[0]
-                                            - calls.get("cache_total", 0) * OVERHEAD[1])
-        row["v2drop_sched_ms"] = 1e3 * times.get("v2drop_register_ms", 0.0) + row["v2drop_cache_cap_ms"]
+    # the coordinator's cache_blocks over the step's requests, less the timer's own cost
+    row["cache_blocks_ms"] = 1e3 * (times.get("cache_blocks", 0.0) - calls.get("cache_blocks", 0) * OVERHEAD[1])
     if calls.get("mgr_total"):
-        own = (times["mgr_total"] - times["mgr_base"] - calls["mgr_base"] * OVERHEAD[0]
-               - calls["mgr_total"] * OVERHEAD[1])
-        row["v2drop_sched_upper_ms"] = row["v2drop_sched_ms"] + 1e3 * own
+        row["v2drop_coordinator_own_ms"] = 1e3 * (times["mgr_total"] - times["mgr_base"] - calls["mgr_base"] * OVERHEAD[0]
+                                                  - calls["mgr_total"] * OVERHEAD[1])
         row["kv_manager_calls_per_step"] = calls["mgr_total"]
     return row
+
+
+def scheduler_side(row: dict, stock: dict | None) -> None:
+    """A V2Drop row's scheduler-side columns: plans registered, the prefix-cache cap (its
+    ``cache_blocks`` against the stock run's at the same count: V2Drop's override answers most
+    calls with one lookup and skips vLLM's), the guard and, in ``per_stage``, the coordinator."""
+    base = stock.get("cache_blocks_ms", 0.0) if stock else 0.0
+    row["v2drop_cache_cap_ms"] = row.get("cache_blocks_ms", 0.0) - base
+    added = [row.get("v2drop_register_ms", 0.0), row["v2drop_cache_cap_ms"], row.get("v2drop_guard_ms", 0.0)]
+    if "coordinator_vs_vllm_ms" in row:
+        added.append(row["coordinator_vs_vllm_ms"])
+        row["v2drop_sched_upper_ms"] = sum(max(0.0, a) for a in added[:3]) + row.get("v2drop_coordinator_own_ms", 0.0)
+    row["v2drop_sched_ms"] = sum(max(0.0, a) for a in added)  # what V2Drop adds, its savings not counted
 
 
 def run_mode(model: str, arch: str, mode: str, counts: list[int], steps: int, dtype: str = "float32",
@@ -208,8 +232,8 @@ def run_mode(model: str, arch: str, mode: str, counts: list[int], steps: int, dt
               max_num_batched_tokens=8192, kv_cache_memory_bytes=kv_bytes,
               limit_mm_per_prompt={"image": 1, "video": 0}, distributed_executor_backend="uni",
               disable_log_stats=True, **kw)
-    install_timers()
     engine = llm.llm_engine
+    install_timers(engine)
     rows = []
     for n in counts:
         params = SamplingParams(temperature=0.0, max_tokens=600, ignore_eos=True)  # none finishes while timed
@@ -238,16 +262,14 @@ def run_mode(model: str, arch: str, mode: str, counts: list[int], steps: int, dt
         row["means"] = {k: statistics.fmean(sample.get(k, 0.0) for sample in samples) for k in keys}
         if mode != "stock":  # the scheduling guard, measured against vLLM's own method
             row["v2drop_guard_ms"] = guard_added_ms(engine)
-            row["v2drop_sched_ms"] += max(0.0, row["v2drop_guard_ms"])
-        if "v2drop_sched_upper_ms" in row:
-            row["v2drop_sched_upper_ms"] += max(0.0, row["v2drop_guard_ms"])
-            row["coordinator_vs_vllm_ms"] = added = coordinator_added_ms(engine)  # < 0: faster than vLLM's loop
-            row["v2drop_sched_ms"] += max(0.0, added)
+            if "v2drop_coordinator_own_ms" in row:  # per_stage: the coordinator against vLLM's (< 0: faster)
+                row["coordinator_vs_vllm_ms"] = coordinator_added_ms(engine)
         rows.append(row)
         print(json.dumps(row), flush=True)
         engine.abort_request(ids)
         while engine.has_unfinished_requests():
             engine.step()
+    remove_timers()
     engine.engine_core.shutdown()
     del llm
     return rows
@@ -303,6 +325,10 @@ def main(argv=None) -> int:
     rows = []
     for mode in args.modes.split(","):
         rows += run_mode(model, args.arch, mode, counts, args.steps, args.dtype, args.kv_cache_bytes)
+    stock = {r["running"]: r for r in rows if r["mode"] == "stock"}
+    for row in rows:
+        if row["mode"] != "stock":
+            scheduler_side(row, stock.get(row["running"]))
     result = {"arch": args.arch, "model": model, "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "steps": args.steps, "rows": rows,
               "command": "python benchmarks/host_overhead.py " + " ".join(argv or sys.argv[1:])}

@@ -152,6 +152,10 @@ def test_steps_after_every_item_equal_plan_step(seed):
             for field in ("query_lens", "seq_lens", "kv_starts", "segment", "token_index",
                           "seg_counts", "seg_request", "seg_item"):
                 np.testing.assert_array_equal(getattr(fast, field), getattr(ref, field), err_msg=field)
+            # the views the planner knows from its rows are those the arrays show
+            assert fast.same_view is not None
+            assert [fast.same_view_as_before(s) for s in range(len(RATIOS) + 1)] == \
+                [ref.same_view_as_before(s) for s in range(len(RATIOS) + 1)]
         for r, n in zip(order, ns):
             computed[r] += int(n)
     nc_before = np.asarray([computed[r] for r in order])
@@ -159,3 +163,17 @@ def test_steps_after_every_item_equal_plan_step(seed):
     if step is not None:  # the plan holds its own copy of the computed counts
         nc_before += 1
         np.testing.assert_array_equal(step.token_index, nc_before - 1)
+
+
+def test_decode_step_knows_which_stages_see_the_same_rows():
+    """A stage that keeps every row of the stage before sees the same KV view (the runner then
+    reuses that stage's attention metadata); the planner says so from its rows, as the arrays do."""
+    plans = {f"r{i}": plan_request([np.arange(5, 5 + 64 * (i + 1))], 400 + 64 * i, (0.5, 1.0, 0.25)) for i in range(4)}
+    planner = BatchPlanner(3, lambda rid: plans[rid])
+    planner.sync(list(plans))
+    nc = np.asarray([700 + 64 * i for i in range(4)])
+    step = planner.plan(nc, np.ones(4, np.int64))
+    ref = plan_step(list(plans.values()), nc, np.ones(4, np.int64))
+    assert step.same_view == (False, False, True, False)
+    assert [ref.same_view_as_before(s) for s in range(4)] == [False, False, True, False]
+    np.testing.assert_array_equal(step.seq_lens, ref.seq_lens)

@@ -471,6 +471,9 @@ class StepPlan:
         seg_counts: ``[G, S+1]`` rows of each segment present at each stage.
         seg_request: ``[G]`` batch index of each segment's request.
         seg_item: ``[G]`` index of each segment within its request's plan.
+        same_view: per stage, whether its view (query and sequence lengths) equals the stage
+            before's (stage 0: False); None where not known ahead (:meth:`same_view_as_before`
+            compares the arrays). The planner knows it for decode steps from its per-request rows.
     """
 
     query_lens: np.ndarray
@@ -481,6 +484,14 @@ class StepPlan:
     seg_counts: np.ndarray
     seg_request: np.ndarray
     seg_item: np.ndarray
+    same_view: tuple[bool, ...] | None = None
+
+    def same_view_as_before(self, stage: int) -> bool:
+        """Whether stage ``stage`` sees the same rows and KV lengths as stage ``stage - 1``."""
+        if self.same_view is not None:
+            return self.same_view[stage]
+        return stage > 0 and bool(np.array_equal(self.seq_lens[stage], self.seq_lens[stage - 1])
+                                  and np.array_equal(self.query_lens[stage], self.query_lens[stage - 1]))
 
     @property
     def num_stages(self) -> int:
@@ -598,6 +609,8 @@ class BatchPlanner:
         self.last = np.zeros(0, dtype=np.int64)
         self.dropped = np.zeros((0, num_stages + 1), dtype=np.int64)
         self.any_dropped = False  # some synced request has lost rows
+        self.dropped_t = np.zeros((num_stages + 1, 0), dtype=np.int64)  # dropped[:n].T of the synced rows, contiguous
+        self.same_view: tuple[bool, ...] = (False,) * (num_stages + 1)  # per stage: drops equal to the stage before's
 
     def sync(self, req_ids: Sequence[str]) -> None:
         """Align the rows with ``req_ids`` (the batch's order); plan requests seen for the first time.
@@ -636,6 +649,10 @@ class BatchPlanner:
             self.plans = {k: v for k, v in self.plans.items() if k in live}
         self.synced = list(req_ids)
         self.any_dropped = bool(self.dropped[:n, -1].any())  # a later stage has lost at least an earlier one's rows
+        # once per batch change, for the steps past every item (decode): a stage's view is the
+        # original one less its drops, equal to the stage before's where every request's drops are
+        self.dropped_t = np.ascontiguousarray(self.dropped[:n].T)
+        self.same_view = (False, *(self.dropped_t[1:] == self.dropped_t[:-1]).all(axis=1).tolist())
 
     def plan(self, num_computed: np.ndarray, num_scheduled: np.ndarray) -> StepPlan | None:
         """:func:`plan_step` of the synced batch, or None when V2Drop changes nothing in the step."""
@@ -676,13 +693,13 @@ class BatchPlanner:
     def _plan_done(self, nc: np.ndarray, ns: np.ndarray, end: np.ndarray) -> StepPlan | None:
         """:meth:`plan` of a step where every request has computed all its items before the step
         (every decode step): each stage's view is the original one less the rows each request has
-        lost by that stage, and no row is a candidate."""
+        lost by that stage (kept per batch by :meth:`sync`), and no row is a candidate."""
         n = len(nc)
-        if not (self.any_dropped if n == len(self.synced) else self.dropped[:n, -1].any()):
+        synced = n == len(self.synced)
+        if not (self.any_dropped if synced else self.dropped[:n, -1].any()):
             return None
-        drop = self.dropped[:n].T
+        drop, same_view = (self.dropped_t, self.same_view) if synced else (self.dropped[:n].T, None)
         seq_lens = end - drop
-        kv_starts = seq_lens - ns
         if (ns == 1).all():
             token_index = nc
         else:
@@ -690,12 +707,13 @@ class BatchPlanner:
             token_index = np.arange(int(ns.sum()), dtype=np.int64) - np.repeat(row_start - nc, ns)
         num_stages = self.num_stages
         return StepPlan(
-            query_lens=seq_lens - kv_starts,
+            query_lens=np.broadcast_to(ns, seq_lens.shape),  # every row is present at every stage
             seq_lens=seq_lens,
-            kv_starts=kv_starts,
+            kv_starts=seq_lens - ns,
             segment=np.full(len(token_index), -1, dtype=np.int64),
             token_index=token_index,
             seg_counts=np.zeros((0, num_stages + 1), np.int64),
             seg_request=np.zeros(0, np.int64),
             seg_item=np.zeros(0, np.int64),
+            same_view=same_view,
         )

@@ -112,8 +112,8 @@ def read_batch(runner) -> BatchView | None:
     ids = batch.req_ids  # the batch's own list, not copied (the planner compares it with its copy)
     return BatchView(
         req_ids=ids if len(ids) == n else ids[:n],
-        num_computed=batch.num_computed_tokens_cpu[:n].astype(np.int64),
-        num_scheduled=np.diff(query_start_loc).astype(np.int64),
+        num_computed=batch.num_computed_tokens_cpu[:n],  # views: the planner copies them once
+        num_scheduled=np.diff(query_start_loc),
         describe=describe,
     )
 
@@ -157,7 +157,19 @@ def _slot_mapping(table, qsl: torch.Tensor, kv_pos: torch.Tensor, length: int) -
     return out
 
 
-def _host_decode_slots(table, kv_pos: np.ndarray, stages: tuple[int, ...], index_cache: dict) -> np.ndarray | None:
+def _group_stages(runner, runtime: V2DropRuntime, num_stages: int) -> dict[int, tuple[int, ...]]:
+    """The stages >= 1 each KV-cache group serves (one group for all of them in ``kv_mode: shared``)."""
+    cache = runner.__dict__.setdefault("_v2drop_group_stages", {})
+    if num_stages not in cache:
+        out: dict[int, tuple[int, ...]] = {}
+        for stage in range(1, num_stages + 1):
+            for gid, _ in _stage_groups(runner, runtime, stage):
+                out[gid] = (*out.get(gid, ()), stage)
+        cache[num_stages] = out
+    return cache[num_stages]
+
+
+def _host_decode_slots(runner, table, kv_pos: np.ndarray, stages: tuple[int, ...], index_cache: dict) -> np.ndarray | None:
     """Slots of a decode step's rows in ``stages``, ``[len(stages), n]`` int64 (request ``r``'s one
     row of stage ``s`` at ``kv_pos[s, r]``), read off the group's host block table where the device
     is the host (CPU): a few NumPy operations for all the group's stages, against dispatching
@@ -167,11 +179,19 @@ def _host_decode_slots(table, kv_pos: np.ndarray, stages: tuple[int, ...], index
     if table.dcp_world_size != 1:
         return None
     bt, bs = table.block_table.np, table.block_size
-    key = (bt.shape[1], bs, stages)
+    key = (bt.shape, bs, stages)
     prep = index_cache.get(key)
     if prep is None:
-        blk, off = np.divmod(kv_pos[list(stages)], bs)
-        blk += np.arange(kv_pos.shape[1], dtype=np.int64) * bt.shape[1]  # flat index into the table
+        lo, hi = stages[0], stages[-1] + 1
+        pos = kv_pos[lo:hi] if hi - lo == len(stages) else kv_pos[list(stages)]
+        if bs & (bs - 1) == 0:  # a power of two (vLLM's usual block sizes): shift and mask
+            blk, off = pos >> (bs.bit_length() - 1), pos & (bs - 1)
+        else:
+            blk, off = np.divmod(pos, bs)
+        bases = runner.__dict__.setdefault("_v2drop_row_base", {})  # each row's first index in the flat table
+        if bt.shape not in bases:
+            bases[bt.shape] = np.arange(bt.shape[0], dtype=np.int64) * bt.shape[1]
+        blk += bases[bt.shape][: kv_pos.shape[1]]
         prep = index_cache[key] = (blk, off)
     blk, off = prep
     slots = np.multiply(bt.reshape(-1).take(blk), bs, dtype=np.int64)
@@ -220,42 +240,31 @@ def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> No
             if name in slot_mapping:
                 slot_mapping[name] = slot_mapping[name][: step.num_rows(0)]
     decode = not step.has_candidates and bool((step.query_lens[0] == 1).all())
-    if decode:  # one row per request in every stage: all stages' arrays at once
+    if decode:  # one row per request in every stage, at seq_len - 1 (the plan's kv_starts)
         qsl_cpu, qsl_dev = runner.query_start_loc.cpu[: n + 1], runner.query_start_loc.gpu[: n + 1]
-        seq_np = step.seq_lens.astype(np.int32)  # [S+1, n]
-        same_as_before = [False, *(seq_np[1:] == seq_np[:-1]).all(axis=1).tolist()]
-        max_seq_lens = seq_np.max(axis=1).tolist()
-        seq_all_cpu = torch.from_numpy(seq_np)
-        seq_all_dev = seq_all_cpu.to(device, non_blocking=True)  # one copy for every stage
         host = device.type == "cpu"  # slots from the host block table (the device is the host)
-        kv_pos_all = step.seq_lens - 1 if host else seq_all_dev.to(torch.int64) - 1
+        if not host:  # one copy to the device for every stage
+            seq_all_dev = torch.from_numpy(step.seq_lens.astype(np.int32)).to(device, non_blocking=True)
         host_slots: dict[int, np.ndarray | None] = {}  # per group, the slots of its stages (host only)
         index_cache: dict = {}
-        group_stages: dict[int, tuple[int, ...]] = {}  # the stages each KV-cache group serves
-        for stage in range(1, step.num_stages + 1) if host else ():
-            for gid, _ in _stage_groups(runner, runtime, stage):
-                group_stages[gid] = (*group_stages.get(gid, ()), stage)
+        group_stages = _group_stages(runner, runtime, step.num_stages) if host else {}
     previous: dict[int, tuple] = {}
     for stage in range(1, step.num_stages + 1):
         groups = _stage_groups(runner, runtime, stage)
-        if decode:
-            same_view = same_as_before[stage]
-        else:
-            same_view = (np.array_equal(step.seq_lens[stage], step.seq_lens[stage - 1])
-                         and np.array_equal(step.query_lens[stage], step.query_lens[stage - 1]))
-        if same_view and all(gid in previous for gid, _ in groups):
+        if step.same_view_as_before(stage) and all(gid in previous for gid, _ in groups):
             for gid, group in groups:
                 built, slots_t = previous[gid]
                 for name in group.layer_names:
                     metadata[name], slot_mapping[name] = built, slots_t
             continue
         if decode:
-            # each stage its own tensors: rows of the [S+1, n] tensor given to vLLM 0.32's CPU
+            # each stage its own arrays: rows of one [S+1, n] tensor given to vLLM 0.32's CPU
             # attention as seq_lens gave wrong tokens (test_batch_equals_alone)
-            seq_cpu = seq_all_cpu[stage].clone()
+            seq_np = step.seq_lens[stage].astype(np.int32)
+            seq_cpu = torch.from_numpy(seq_np)
             seq_dev = seq_cpu if host else seq_all_dev[stage].clone()
-            kv_pos = kv_pos_all[stage]
-            max_query_len, max_seq_len = 1, max_seq_lens[stage]
+            kv_pos = step.kv_starts[stage] if host else seq_dev.to(torch.int64) - 1
+            max_query_len, max_seq_len = 1, int(seq_np.max())
         else:
             seq_cpu = torch.from_numpy(step.seq_lens[stage].astype(np.int32))
             seq_dev = seq_cpu.to(device, non_blocking=True)
@@ -271,7 +280,7 @@ def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> No
             slots_t = None
             if decode and host:
                 if gid not in host_slots:
-                    host_slots[gid] = _host_decode_slots(table, kv_pos_all, group_stages[gid], index_cache)
+                    host_slots[gid] = _host_decode_slots(runner, table, step.kv_starts, group_stages[gid], index_cache)
                 if host_slots[gid] is not None:
                     slots_np = host_slots[gid][group_stages[gid].index(stage)]
                     if length > num_rows:
