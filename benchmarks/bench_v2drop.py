@@ -283,6 +283,49 @@ class KVSampler(threading.Thread):
         return self.peak
 
 
+class StallMonitor:
+    """Machine-wide scheduling stalls, seen by an independent process that sleeps 5 ms at a time.
+
+    On the 2-core CPU machines this project runs on, serving load sometimes stops every process
+    for 0.3-2 s at a time (a sleeper process outside vLLM sees it; stock and V2Drop servers
+    alike; plain busy loops do not cause it). A stalled client reads its streams late, so a
+    run's TTFT and throughput would measure the machine, not the server. The monitor records
+    every wake-up later than ``threshold`` s; :meth:`stalled` sums them over a run's window, and a
+    run that saw more than ``--stall-limit`` seconds is repeated (``--stall-retries``).
+    """
+
+    CODE = ("import sys, time\n"
+            "last = time.time()\n"
+            "while True:\n"
+            "    time.sleep(0.005)\n"
+            "    now = time.time()\n"
+            "    if now - last > {threshold}:\n"
+            "        print(last, now, flush=True)\n"
+            "    last = now\n")
+
+    def __init__(self, threshold: float = 0.1):
+        import subprocess
+
+        self.gaps: list[tuple[float, float]] = []
+        self.proc = subprocess.Popen([sys.executable, "-c", self.CODE.format(threshold=threshold)],
+                                     stdout=subprocess.PIPE, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            a, b = (float(x) for x in line.split())
+            self.gaps.append((a, b))
+
+    def stalled(self, t0: float, t1: float) -> float:
+        """Seconds of stalls inside the wall-clock window ``[t0, t1]`` (reported up to 0.2 s late)."""
+        time.sleep(0.2)
+        return sum(max(0.0, min(b, t1) - max(a, t0)) for a, b in self.gaps)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -371,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-args", default="", help="more `vllm serve` arguments, given to both servers")
     p.add_argument("--out", default=None, help="JSON result file (a .png is written beside it)")
     p.add_argument("--label", default=None, help="name of the run in the report")
+    p.add_argument("--stall-limit", type=float, default=0.25,
+                   help="repeat a run in which the machine stalled longer than this (s; see StallMonitor)")
+    p.add_argument("--stall-retries", type=int, default=2, help="repeats of a stalled run (the least stalled is kept)")
     p.add_argument("--log-dir", default=str(REPO / "build" / "bench-logs"), help="where the server logs go")
     args = p.parse_args(argv)
 
@@ -413,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     item_rows: dict[str, int] = {}  # media spec -> candidate vision rows (from the V2Drop log)
     v2_stats: dict[str, list] = {}  # request id -> RequestStats
     startup: list[str] = []
+    monitor = StallMonitor()
     for rnd in range(args.rounds):
         for impl in IMPLS:
             log_path = log_dir / f"{label}-r{rnd}-{impl}.log"
@@ -436,17 +483,29 @@ def main(argv: list[str] | None = None) -> int:
                         elif d == w.n or d % max(w.n // 4, 1) == 0:
                             print(f"  {impl} {w.name}: {d}/{w.n} requests", flush=True)
 
-                    before = scrape(url)
-                    sampler = KVSampler(url)
-                    sampler.start()
-                    records, wall = asyncio.run(run_workload(url, model, w, contents[w.name], tag, progress))
-                    kv_peak = sampler.stop()
-                    counters = counter_delta(before, scrape(url))
-                    s = summarize(records, wall, counters, kv_peak)
-                    print(f"  {impl} {w.name}: TTFT p50 {fmt(s['ttft_median_s'], ' s')}, p90 "
-                          f"{fmt(s['ttft_p90_s'], ' s')}, prefill {fmt(s['prefill_tok_s'], ' tok/s')}, "
-                          f"{fmt(s['requests_per_s'], ' req/s')}, KV peak {fmt(100 * s['kv_usage_peak'], '%')} "
-                          f"({wall:.1f} s)", flush=True)
+                    best = None  # the attempt with the least machine stall (StallMonitor)
+                    for attempt in range(args.stall_retries + 1):
+                        before = scrape(url)
+                        sampler = KVSampler(url)
+                        sampler.start()
+                        t_start = time.time()
+                        records, wall = asyncio.run(run_workload(url, model, w, contents[w.name],
+                                                                 f"{tag}-a{attempt}" if attempt else tag, progress))
+                        stall = monitor.stalled(t_start, time.time())
+                        kv_peak = sampler.stop()
+                        counters = counter_delta(before, scrape(url))
+                        s = summarize(records, wall, counters, kv_peak)
+                        s["stall_s"] = stall
+                        print(f"  {impl} {w.name}: TTFT p50 {fmt(s['ttft_median_s'], ' s')}, p90 "
+                              f"{fmt(s['ttft_p90_s'], ' s')}, prefill {fmt(s['prefill_tok_s'], ' tok/s')}, "
+                              f"{fmt(s['requests_per_s'], ' req/s')}, KV peak {fmt(100 * s['kv_usage_peak'], '%')} "
+                              f"({wall:.1f} s, machine stalled {stall:.2f} s)", flush=True)
+                        if best is None or stall < best[0]["stall_s"]:
+                            best = (s, records)
+                        if stall <= args.stall_limit:
+                            break
+                    s, records = best
+                    s["attempts"] = attempt + 1
                     runs.append({"round": rnd, "impl": impl, "workload": w.name, "summary": s,
                                  "records": [asdict(r) for r in records]})
             text = read_log(log_path)
@@ -458,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
                     found = [st for sid, st in v2_stats.items() if sid == rid or sid.startswith(rid + "-")]
                     if found:
                         item_rows[str(spec)] = found[0].vision_rows
+    monitor.close()
 
     report = make_report(args, model, model_cfg, v2cfg, workloads, runs, item_rows, v2_stats, startup, common,
                          label)
@@ -495,6 +555,7 @@ def make_report(args, model, model_cfg, v2cfg, workloads, runs, item_rows, v2_st
             }
             pooled[impl] = summarize(recs, wall, counters, max(r["summary"]["kv_usage_peak"] for r in rs))
             pooled[impl]["rounds"] = [r["summary"] for r in rs]
+            pooled[impl]["stall_s"] = sum(r["summary"].get("stall_s", 0.0) for r in rs)
         entry["per_impl"] = pooled
         entry["ratio_v2drop_over_stock"] = {
             k: (pooled["v2drop"][k] / pooled["stock"][k]) if pooled["stock"][k] and pooled["v2drop"][k] is not None

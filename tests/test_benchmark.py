@@ -189,3 +189,27 @@ def test_bench_script_end_to_end(tiny_models, tmp_path):
         assert e["flops"]["plan_matches_log"], e
         assert e["v2drop_rows"]["requests_logged"] == e["spec"]["n"]
     assert "FLOP-ideal" in proc.stdout
+
+
+def test_stall_monitor_sees_a_stopped_machine():
+    """The stall monitor reports a pause of its own process (what a machine-wide stall looks like to
+    it) inside a run's window, and nothing outside it."""
+    import os
+    import signal
+    import time
+
+    monitor = bench_v2drop.StallMonitor(threshold=0.1)
+    try:
+        time.sleep(0.5)  # started and sleeping
+        t0 = time.time()
+        os.kill(monitor.proc.pid, signal.SIGSTOP)
+        time.sleep(0.4)
+        os.kill(monitor.proc.pid, signal.SIGCONT)
+        time.sleep(0.1)
+        t1 = time.time()
+        assert 0.3 < monitor.stalled(t0, t1) < 0.8
+        assert monitor.stalled(t1 + 0.3, t1 + 0.4) == 0.0
+        monitor.gaps.append((100.0, 102.0))  # a window sees only its part of a gap
+        assert monitor.stalled(101.5, 103.0) == pytest.approx(0.5)
+    finally:
+        monitor.close()

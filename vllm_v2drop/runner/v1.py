@@ -143,60 +143,24 @@ def _stage_groups(runner, runtime: V2DropRuntime, stage: int) -> list[tuple[int,
 
 
 def _slot_mapping(table, qsl: torch.Tensor, kv_pos: torch.Tensor, length: int) -> torch.Tensor:
-    """Slots of a stage's rows from the group's device block table, with the runner's own kernel
-    (vLLM's ``ComputeSlotMappingKernel``: Triton on a GPU, its C++ fallback on CPU); ``-1`` pads
-    to ``length``."""
+    """Slots of a stage's rows from the group's device block table, with the runner's own kernel:
+    vLLM's ``ComputeSlotMappingKernel`` (Triton on a GPU). On a CPU device its C++ fallback is
+    called directly: one pass over the rows, where the kernel launcher's dispatch alone costs more
+    than the work of a decode step. ``-1`` pads to ``length``."""
     from vllm.v1.worker.block_table import _COMPUTE_SLOT_MAPPING_KERNEL
 
     bt = table.block_table.gpu
+    num_rows = kv_pos.shape[0]
+    if bt.device.type == "cpu" and table.dcp_world_size == 1:
+        out = torch.empty(length, dtype=torch.int64) if length == num_rows else torch.full((length,), -1, dtype=torch.int64)
+        torch.ops._C.compute_slot_mapping_kernel_impl(qsl, kv_pos, bt, out, table.block_size)
+        return out
     out = torch.full((length,), -1, dtype=torch.int64, device=bt.device)
     _COMPUTE_SLOT_MAPPING_KERNEL(
-        qsl.shape[0] - 1, kv_pos.shape[0], length, qsl, kv_pos, bt, bt.stride(0), out,
+        qsl.shape[0] - 1, num_rows, length, qsl, kv_pos, bt, bt.stride(0), out,
         table.block_size, table.dcp_world_size, table.dcp_rank, table.cp_kv_cache_interleave_size,
     )
     return out
-
-
-def _group_stages(runner, runtime: V2DropRuntime, num_stages: int) -> dict[int, tuple[int, ...]]:
-    """The stages >= 1 each KV-cache group serves (one group for all of them in ``kv_mode: shared``)."""
-    cache = runner.__dict__.setdefault("_v2drop_group_stages", {})
-    if num_stages not in cache:
-        out: dict[int, tuple[int, ...]] = {}
-        for stage in range(1, num_stages + 1):
-            for gid, _ in _stage_groups(runner, runtime, stage):
-                out[gid] = (*out.get(gid, ()), stage)
-        cache[num_stages] = out
-    return cache[num_stages]
-
-
-def _host_decode_slots(runner, table, kv_pos: np.ndarray, stages: tuple[int, ...], index_cache: dict) -> np.ndarray | None:
-    """Slots of a decode step's rows in ``stages``, ``[len(stages), n]`` int64 (request ``r``'s one
-    row of stage ``s`` at ``kv_pos[s, r]``), read off the group's host block table where the device
-    is the host (CPU): a few NumPy operations for all the group's stages, against dispatching
-    vLLM's slot-mapping kernel (its C++ fallback) once per group and stage. ``index_cache`` shares
-    the block indices between the step's groups. None where the table is split across
-    context-parallel ranks."""
-    if table.dcp_world_size != 1:
-        return None
-    bt, bs = table.block_table.np, table.block_size
-    key = (bt.shape, bs, stages)
-    prep = index_cache.get(key)
-    if prep is None:
-        lo, hi = stages[0], stages[-1] + 1
-        pos = kv_pos[lo:hi] if hi - lo == len(stages) else kv_pos[list(stages)]
-        if bs & (bs - 1) == 0:  # a power of two (vLLM's usual block sizes): shift and mask
-            blk, off = pos >> (bs.bit_length() - 1), pos & (bs - 1)
-        else:
-            blk, off = np.divmod(pos, bs)
-        bases = runner.__dict__.setdefault("_v2drop_row_base", {})  # each row's first index in the flat table
-        if bt.shape not in bases:
-            bases[bt.shape] = np.arange(bt.shape[0], dtype=np.int64) * bt.shape[1]
-        blk += bases[bt.shape][: kv_pos.shape[1]]
-        prep = index_cache[key] = (blk, off)
-    blk, off = prep
-    slots = np.multiply(bt.reshape(-1).take(blk), bs, dtype=np.int64)
-    slots += off
-    return slots
 
 
 def _retarget(group, built, block_table: torch.Tensor, slots: torch.Tensor):
@@ -222,8 +186,7 @@ def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> No
     there) reuses that stage's metadata for the same group; the other groups of a stage reuse its
     first group's build with their own block table. A pure decode step copies only the stages'
     sequence lengths (one copy for all stages): its query offsets are the runner's own and every
-    request's one row sits at ``seq_len - 1``; on a CPU device its slots are read off the host
-    block table (:func:`_host_decode_slots`).
+    request's one row sits at ``seq_len - 1``.
     """
     from vllm.forward_context import get_forward_context
     from vllm.v1.attention.backend import CommonAttentionMetadata
@@ -242,12 +205,9 @@ def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> No
     decode = not step.has_candidates and bool((step.query_lens[0] == 1).all())
     if decode:  # one row per request in every stage, at seq_len - 1 (the plan's kv_starts)
         qsl_cpu, qsl_dev = runner.query_start_loc.cpu[: n + 1], runner.query_start_loc.gpu[: n + 1]
-        host = device.type == "cpu"  # slots from the host block table (the device is the host)
+        host = device.type == "cpu"  # the plan's arrays serve as the device's
         if not host:  # one copy to the device for every stage
             seq_all_dev = torch.from_numpy(step.seq_lens.astype(np.int32)).to(device, non_blocking=True)
-        host_slots: dict[int, np.ndarray | None] = {}  # per group, the slots of its stages (host only)
-        index_cache: dict = {}
-        group_stages = _group_stages(runner, runtime, step.num_stages) if host else {}
     previous: dict[int, tuple] = {}
     for stage in range(1, step.num_stages + 1):
         groups = _stage_groups(runner, runtime, stage)
@@ -263,7 +223,7 @@ def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> No
             seq_np = step.seq_lens[stage].astype(np.int32)
             seq_cpu = torch.from_numpy(seq_np)
             seq_dev = seq_cpu if host else seq_all_dev[stage].clone()
-            kv_pos = step.kv_starts[stage] if host else seq_dev.to(torch.int64) - 1
+            kv_pos = torch.from_numpy(step.kv_starts[stage]) if host else seq_dev.to(torch.int64) - 1
             max_query_len, max_seq_len = 1, int(seq_np.max())
         else:
             seq_cpu = torch.from_numpy(step.seq_lens[stage].astype(np.int32))
@@ -277,19 +237,7 @@ def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> No
         current, first = {}, None
         for gid, group in groups:
             table = batch.block_table[gid]
-            slots_t = None
-            if decode and host:
-                if gid not in host_slots:
-                    host_slots[gid] = _host_decode_slots(runner, table, step.kv_starts, group_stages[gid], index_cache)
-                if host_slots[gid] is not None:
-                    slots_np = host_slots[gid][group_stages[gid].index(stage)]
-                    if length > num_rows:
-                        slots_np = np.concatenate([slots_np, np.full(length - num_rows, -1, np.int64)])
-                    slots_t = torch.from_numpy(slots_np)
-            if slots_t is None:
-                if isinstance(kv_pos, np.ndarray):
-                    kv_pos = torch.from_numpy(kv_pos)
-                slots_t = _slot_mapping(table, qsl_dev, kv_pos, length)
+            slots_t = _slot_mapping(table, qsl_dev, kv_pos, length)
             block_table = table.get_device_tensor(n)
             built = None if first is None else _retarget(group, first, block_table, slots_t)
             if built is None:
