@@ -49,6 +49,7 @@ def steps(out: Path, dry: bool) -> list[list[str]]:
         work = ["name=dry,images=64x64,text=8,out=4,n=1,conc=1"] if dry else DECODE
         cmds.append([PY, str(REPO / "benchmarks" / "bench_v2drop.py"), "--arch", "llava-onevision", "--size", size,
                      "--rounds", "1" if dry else "2", "--v2drop-config", json.dumps({"kv_mode": kv}),
+                     *(["--stall-retries", "0"] if dry else []),
                      "--server-args", "--max-num-seqs 256", *(w for x in work for w in ("--workload", x)),
                      "--out", str(out / f"{'cpu-dry' if dry else 'gpu'}-decode-llava-onevision-{kv}.json")])
     return cmds

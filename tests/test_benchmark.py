@@ -177,7 +177,7 @@ def test_bench_script_end_to_end(tiny_models, tmp_path):
     """One round, two tiny workloads: both servers start, every request is measured, the report is written."""
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "bench_v2drop.py"), "--model", str(tiny_models["llava-onevision"]),
-           "--rounds", "1", "--workload", "name=img,images=160x120,text=4,out=2,n=2,conc=2",
+           "--rounds", "1", "--stall-retries", "0", "--workload", "name=img,images=160x120,text=4,out=2,n=2,conc=2",
            "--workload", "name=vid,video=4x64x64,text=4,out=2,n=1", "--server-args", "--enforce-eager --dtype float32",
            "--out", str(out), "--log-dir", str(tmp_path / "logs")]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900, cwd=REPO)
@@ -207,9 +207,9 @@ def test_stall_monitor_sees_a_stopped_machine():
         os.kill(monitor.proc.pid, signal.SIGCONT)
         time.sleep(0.1)
         t1 = time.time()
-        assert 0.3 < monitor.stalled(t0, t1) < 0.8
-        assert monitor.stalled(t1 + 0.3, t1 + 0.4) == 0.0
-        monitor.gaps.append((100.0, 102.0))  # a window sees only its part of a gap
-        assert monitor.stalled(101.5, 103.0) == pytest.approx(0.5)
+        assert 0.3 < monitor.stalled(t0, t1) <= t1 - t0
+        monitor.gaps += [(100.0, 102.0), (105.0, 105.5)]  # a window sees only its part of each gap
+        assert monitor.stalled(101.5, 104.0) == pytest.approx(0.5)
+        assert monitor.stalled(102.0, 105.0) == 0.0
     finally:
         monitor.close()
