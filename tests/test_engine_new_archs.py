@@ -20,22 +20,24 @@ import os
 
 import pytest
 from conftest import NEW_ARCHS, greedy, llm_engine
-from test_engine import (
+from test_engine import (  # noqa: F401 (model_dir, stock_tokens, reference: fixtures, over this module's arch)
     HF_ARCH,
     IDENTITY,
-    TINY_DEPTH,
     generate_each,
     mixed_batch,
+    model_dir,
     read_trace,
     ref_request,
+    ref_schedule,
+    reference,
     requests,
+    resolved,
+    stock_tokens,
     tokens,
     trace_for,
 )
 
-from vllm_v2drop.config import V2DropConfig
 from vllm_v2drop.plan import plan_request
-from vllm_v2drop.reference import RefSchedule, V2DropReference
 
 pytestmark = pytest.mark.slow
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # kv_probe runs in the worker
@@ -50,15 +52,6 @@ SCHEDULES = {
 }
 
 
-def resolved(arch: str, config: dict):
-    return V2DropConfig.from_additional_config({"v2drop": config}).resolve(TINY_DEPTH, HF_ARCH[arch])
-
-
-def ref_schedule(arch: str, config: dict) -> RefSchedule:
-    s = resolved(arch, config)
-    return RefSchedule(list(s.layers), list(s.keep_ratios), s.min_keep, s.metric, s.seed)
-
-
 def vision_requests(arch, model_dir) -> dict[str, dict]:
     return {k: v for k, v in requests(arch, model_dir).items() if k != "text"}
 
@@ -69,23 +62,6 @@ def vision_requests(arch, model_dir) -> dict[str, dict]:
 @pytest.fixture(scope="module", params=NEW_ARCHS)
 def arch(request):
     return request.param
-
-
-@pytest.fixture(scope="module")
-def model_dir(arch, tiny_models):
-    return tiny_models[arch]
-
-
-@pytest.fixture(scope="module")
-def stock_tokens(arch, model_dir):
-    reqs = requests(arch, model_dir)
-    with llm_engine(model_dir) as llm:
-        return dict(zip(reqs, tokens(generate_each(llm, list(reqs.values()), 32))))
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir):
-    return V2DropReference(model_dir)
 
 
 @pytest.fixture(scope="module")

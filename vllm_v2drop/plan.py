@@ -273,20 +273,15 @@ class RequestPlan:
         return self._cum_dropped[stage][np.searchsorted(self.ends, np.asarray(prefix_lens), side="right")]
 
     def compact_len(self, stage: int, prefix_len: int) -> int:
-        """Rows of the first ``prefix_len`` prompt positions present in stage ``stage``.
-
-        O(1) before the first item and after the last one (every decode step); a
-        binary search over the items in between.
-        """
-        first, last, dropped = self.summary
-        if prefix_len <= first:
-            return prefix_len
-        if prefix_len >= last:
-            return prefix_len - dropped[stage]
-        return prefix_len - self.dropped_before(stage, prefix_len)
+        """Rows of the first ``prefix_len`` prompt positions present in stage ``stage``."""
+        return self.compact_lens(prefix_len)[stage]
 
     def compact_lens(self, prefix_len: int) -> tuple[int, ...]:
-        """:meth:`compact_len` of every stage ``0 .. S`` at once (the scheduler's per-request call)."""
+        """:meth:`compact_len` of every stage ``0 .. S`` at once (the scheduler's per-request call).
+
+        O(1) before the first item and after the last one (every decode step); a binary search
+        over the items in between.
+        """
         first, last, dropped = self.summary
         if prefix_len <= first:
             return (prefix_len,) * len(dropped)
@@ -707,7 +702,7 @@ class BatchPlanner:
             token_index = np.arange(int(ns.sum()), dtype=np.int64) - np.repeat(row_start - nc, ns)
         num_stages = self.num_stages
         return StepPlan(
-            query_lens=np.broadcast_to(ns, seq_lens.shape),  # every row is present at every stage
+            query_lens=np.repeat(ns[None], num_stages + 1, axis=0),  # every row is present at every stage
             seq_lens=seq_lens,
             kv_starts=seq_lens - ns,
             segment=np.full(len(token_index), -1, dtype=np.int64),

@@ -115,8 +115,14 @@ class StagePlans:
         return num_tokens if plan is None else plan.compact_len(stage, num_tokens)
 
     @staticmethod
-    def of(block_pool) -> StagePlans | None:
-        return getattr(block_pool, "_v2drop_plans", None)
+    def of(block_pool, schedule=None) -> StagePlans | None:
+        """The engine's plans: one per block pool, shared by its stage managers and coordinator and
+        made by the first of them to ask with the ``schedule``; None for a pool without (not a
+        V2Drop engine)."""
+        plans = getattr(block_pool, "_v2drop_plans", None)
+        if plans is None and schedule is not None:
+            plans = block_pool._v2drop_plans = StagePlans(schedule)
+        return plans
 
 
 class _KeyedRequest:
@@ -138,11 +144,7 @@ class V2DropStageManager(FullAttentionManager):
     def __init__(self, kv_cache_spec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
         self.stage = kv_cache_spec.stage
-        plans = StagePlans.of(self.block_pool)
-        if plans is None:
-            plans = StagePlans(kv_cache_spec.schedule)
-            self.block_pool._v2drop_plans = plans
-        self.plans = plans
+        self.plans = StagePlans.of(self.block_pool, kv_cache_spec.schedule)
 
     def _compact(self, request_id: str, num_tokens: int) -> int:
         return self.plans.compact_len(request_id, self.stage, num_tokens)
@@ -343,10 +345,8 @@ class V2DropCoordinator(KVCacheCoordinator):
             if key not in _coordinator_classes:
                 _coordinator_classes[key] = type(f"V2Drop{base.__name__}", (base,), {k: cls.__dict__[k] for k in names})
             coordinator.__class__ = _coordinator_classes[key]
-        plans = StagePlans.of(coordinator.block_pool)
-        if plans is None:
-            plans = coordinator.block_pool._v2drop_plans = StagePlans(schedule)
-        coordinator._v2drop_plans, coordinator._v2drop_request = plans, None
+        coordinator._v2drop_plans = StagePlans.of(coordinator.block_pool, schedule)
+        coordinator._v2drop_request = None
         coordinator._v2drop_stages = stages = tuple(getattr(m, "stage", 0) for m in managers)
         groups = coordinator.kv_cache_config.kv_cache_groups
         coordinator._v2drop_stage_groups = tuple(

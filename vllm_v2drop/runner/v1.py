@@ -113,7 +113,7 @@ def read_batch(runner) -> BatchView | None:
     return BatchView(
         req_ids=ids if len(ids) == n else ids[:n],
         num_computed=batch.num_computed_tokens_cpu[:n],  # views: the planner copies them once
-        num_scheduled=np.diff(query_start_loc),
+        num_scheduled=query_start_loc[1:] - query_start_loc[:-1],
         describe=describe,
     )
 
