@@ -643,11 +643,11 @@ class BatchPlanner:
             live = set(req_ids)
             self.plans = {k: v for k, v in self.plans.items() if k in live}
         self.synced = list(req_ids)
-        self.any_dropped = bool(self.dropped[:n, -1].any())  # a later stage has lost at least an earlier one's rows
         # once per batch change, for the steps past every item (decode): a stage's view is the
         # original one less its drops, equal to the stage before's where every request's drops are
         self.dropped_t = np.ascontiguousarray(self.dropped[:n].T)
         self.same_view = (False, *(self.dropped_t[1:] == self.dropped_t[:-1]).all(axis=1).tolist())
+        self.any_dropped = bool(self.dropped_t[-1].any())  # a later stage has lost at least an earlier one's rows
 
     def plan(self, num_computed: np.ndarray, num_scheduled: np.ndarray) -> StepPlan | None:
         """:func:`plan_step` of the synced batch, or None when V2Drop changes nothing in the step."""
