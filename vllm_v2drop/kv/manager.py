@@ -47,7 +47,7 @@ import math
 from collections.abc import Sequence
 
 from vllm.v1.core.kv_cache_coordinator import KVCacheCoordinator
-from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager, SingleTypeKVCacheManager
 
 __all__ = ["StagePlans", "V2DropCoordinator", "V2DropStageManager", "install_scheduler_hooks"]
 
@@ -169,9 +169,16 @@ class V2DropCoordinator(KVCacheCoordinator):
 
     vLLM's coordinator hands every group's manager the same ORIGINAL token counts; here each
     request's counts are compacted once per call for all stages (``plan.compact_lens``) and
-    every group gets its stage's. The per-step cost is one plan lookup and a few tuples per
-    request, not a call per request and group. Requests without a plan (text-only, not
-    registered yet) take vLLM's own path with original counts: a superset.
+    every group gets its stage's. Requests without a plan (text-only, not registered yet) take
+    vLLM's own path with original counts: a superset.
+
+    Per step and running request, vLLM calls the coordinator three times (``remove_skipped_blocks``,
+    ``get_num_blocks_to_allocate``, ``allocate_new_blocks``), and its coordinator calls every group's
+    manager each time: with ``per_stage``'s 8-12 groups that loop dominated ``Scheduler.schedule()``
+    (3x stock's at 1024 decoding requests). Here a decode step that fits in the blocks the request
+    holds in every group (its "room", recorded at its last allocation) is answered with one lookup
+    and no manager call; full-attention groups never skip blocks, so ``remove_skipped_blocks`` has
+    nothing to do.
     """
 
     _v2drop_plans: StagePlans
@@ -192,6 +199,8 @@ class V2DropCoordinator(KVCacheCoordinator):
         apply_admission_cap: bool = False,
         prefill_end: int = 0,
     ) -> int:
+        if self._v2drop_has_room(request_id, num_tokens) and not any(new_computed_blocks):
+            return 0  # a decode step within the blocks every group holds (most steps)
         plan = self._v2drop_plans.plans.get(request_id)
         if plan is None or not plan.pruned:
             return super(type(self), self).get_num_blocks_to_allocate(
@@ -215,15 +224,55 @@ class V2DropCoordinator(KVCacheCoordinator):
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int,
                             num_encoder_tokens: int = 0) -> tuple[list, ...]:
+        if self._v2drop_has_room(request_id, num_tokens):
+            return self._v2drop_no_blocks
         plan = self._v2drop_plans.plans.get(request_id)
         if plan is None or not plan.pruned:
             return super(type(self), self).allocate_new_blocks(request_id, num_tokens, num_tokens_main_model, num_encoder_tokens)
         n = plan.compact_lens(num_tokens)
         main = n if num_tokens_main_model == num_tokens else plan.compact_lens(num_tokens_main_model)
-        return tuple(
-            manager.allocate_new_blocks(request_id, n[s], main[s])
-            for manager, s in zip(self.single_type_managers, self._v2drop_stages)
-        )
+        managers = self.single_type_managers
+        out = tuple(manager.allocate_new_blocks(request_id, n[s], main[s])
+                    for manager, s in zip(managers, self._v2drop_stages))
+        first, last, dropped = plan.summary
+        if num_tokens >= last:  # past its items: stage s holds num_tokens - dropped[s] rows from now on
+            blocks = managers[0].req_to_blocks[request_id]
+            room = min(len(m.req_to_blocks[request_id]) * m.block_size + dropped[s]
+                       for m, s in zip(managers, self._v2drop_stages))
+            self._v2drop_room[request_id] = (last, room, blocks, len(blocks))
+        return out
+
+    def _v2drop_has_room(self, request_id: str, num_tokens: int) -> bool:
+        """Whether every group already holds the blocks ``num_tokens`` need: the request is past its
+        items and below the room recorded at its last allocation (the least of ``blocks x block size
+        + dropped[stage]`` over the groups), and its blocks are still those (the first group's list,
+        same object and length: a freed or preempted request gets a new one).
+
+        A decode step needs a new block in a group once every ``block_size`` tokens; the other
+        steps answer here, without a call per group and request."""
+        room = self._v2drop_room.get(request_id)
+        if room is None or not room[0] <= num_tokens <= room[1]:
+            return False
+        blocks = self.single_type_managers[0].req_to_blocks.get(request_id)
+        if blocks is room[2] and len(blocks) == room[3]:
+            return True
+        del self._v2drop_room[request_id]
+        return False
+
+    def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
+                              num_prompt_tokens: int | None = None) -> None:
+        """vLLM's loop over the groups, skipped where every manager is full attention (it never skips
+        a block): one call per request and step instead of one per group."""
+        if not self._v2drop_full_only:
+            super(type(self), self).remove_skipped_blocks(request_id, processed_computed_tokens, num_prompt_tokens)
+
+    def free(self, request_id: str) -> None:
+        self._v2drop_room.pop(request_id, None)
+        super(type(self), self).free(request_id)
+
+    def pop_blocks_for_free(self, request_id: str) -> list:
+        self._v2drop_room.pop(request_id, None)
+        return super(type(self), self).pop_blocks_for_free(request_id)
 
     # Prefix caching (module docstring): requests whose plan drops rows hit and cache only before
     # their first vision item in ``shared`` mode (Level 1), per stage in compact rows in ``per_stage``.
@@ -273,6 +322,7 @@ class V2DropCoordinator(KVCacheCoordinator):
                                      num_external_computed_tokens: int, skip_zeroing_group_ids=()) -> None:
         """A per_stage hit: each group takes its blocks with its stage's compact count (a partial
         last block is vLLM's copy-on-write case)."""
+        self._v2drop_room.pop(request_id, None)
         plan = self._v2drop_plans.plans.get(request_id)
         managers = self.single_type_managers
         if (plan is None or not plan.pruned or num_external_computed_tokens
@@ -340,13 +390,19 @@ class V2DropCoordinator(KVCacheCoordinator):
             names = ["find_longest_cache_hit", "cache_blocks"]
             if per_stage:
                 names += ["get_num_blocks_to_allocate", "allocate_new_blocks", "allocate_new_computed_blocks",
-                          "_v2drop_stage_hit"]
+                          "_v2drop_stage_hit", "_v2drop_has_room", "remove_skipped_blocks", "free",
+                          "pop_blocks_for_free"]
             key = (base, per_stage)
             if key not in _coordinator_classes:
                 _coordinator_classes[key] = type(f"V2Drop{base.__name__}", (base,), {k: cls.__dict__[k] for k in names})
             coordinator.__class__ = _coordinator_classes[key]
         coordinator._v2drop_plans = StagePlans.of(coordinator.block_pool, schedule)
         coordinator._v2drop_request = None
+        coordinator._v2drop_room = {}  # request id -> (last item end, room, first group's blocks, their count)
+        coordinator._v2drop_no_blocks = tuple(() for _ in managers)
+        base_skip = (SingleTypeKVCacheManager.remove_skipped_blocks, SingleTypeKVCacheManager.get_num_skipped_tokens)
+        coordinator._v2drop_full_only = all(
+            (type(m).remove_skipped_blocks, type(m).get_num_skipped_tokens) == base_skip for m in managers)
         coordinator._v2drop_stages = stages = tuple(getattr(m, "stage", 0) for m in managers)
         groups = coordinator.kv_cache_config.kv_cache_groups
         coordinator._v2drop_stage_groups = tuple(

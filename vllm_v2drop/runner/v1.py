@@ -36,10 +36,17 @@ def install() -> None:
         groups = self.attn_groups  # filled when the KV cache is set up, after the profile run
         if groups and groups[0] and self.__dict__.get("_v2drop_build_reuse") is not groups[0][0]:
             _reuse_stage_builds(self, runtime)  # from the next step on
+        tables = self.input_batch.block_table
+        if groups and groups[0] and self.__dict__.get("_v2drop_deferred") is not tables:
+            _defer_stage_slots(self, runtime, tables)  # from the next step on
+        pending = tables.__dict__.pop("_v2drop_pending", None)
         batch = read_batch(self)
         step = runtime.plan_step(batch) if batch is not None else None
         if step is not None:
             install_stage_metadata(self, runtime, step)
+        elif pending is not None and batch is not None:  # the stage groups see the original view
+            for table in pending[0]:
+                table.compute_slot_mapping(*pending[1])
         with runtime.active(step, batch, self.device):
             return original(self, *args, **kwargs)
 
@@ -76,6 +83,39 @@ def _reuse_stage_builds(runner, runtime: V2DropRuntime) -> None:
                 continue
             own = bool(group.layer_names) and set(group.layer_names) <= staged
             group.build_metadata = functools.partial(_build_or_reuse, group, group.build_metadata, own, last)
+
+
+def _defer_stage_slots(runner, runtime: V2DropRuntime, tables) -> None:
+    """Spare vLLM's own slot mappings of the KV-cache groups that hold only layers of stages >= 1
+    (``kv_mode: per_stage``) until the forward knows whether V2Drop replaces them.
+
+    vLLM computes every group's slot mapping in ``_prepare_inputs`` (one kernel call per group and
+    step). A step V2Drop plans gives every stage layer its own slots
+    (:func:`install_stage_metadata`), so those of the stage-only groups would be thrown away; in a
+    step it does not plan (no request has dropped rows yet) they are computed in ``_model_forward``,
+    before the forward, into the same persistent buffers the step's metadata already points at.
+    Not with speculative decoding, micro-batching or a KV connector (they read slots elsewhere).
+    """
+    runner._v2drop_deferred = tables  # installed for this input batch
+    if (runner.speculative_config is not None or runner.parallel_config.use_ubatching
+            or runner.vllm_config.kv_transfer_config is not None):
+        return
+    staged = set()
+    for stage in range(1, len(runtime.schedule.layers) + 1):
+        staged.update(runtime.stage_layer_names(stage))
+    groups = runner.kv_cache_config.kv_cache_groups
+    own = [bool(g.layer_names) and set(g.layer_names) <= staged for g in groups]
+    if not any(own) or len(own) != len(tables.block_tables):
+        return
+    deferred = [t for t, o in zip(tables.block_tables, own) if o]
+    computed = [t for t, o in zip(tables.block_tables, own) if not o]
+
+    def compute_slot_mapping(num_reqs: int, query_start_loc: torch.Tensor, positions: torch.Tensor) -> None:
+        for table in computed:
+            table.compute_slot_mapping(num_reqs, query_start_loc, positions)
+        tables._v2drop_pending = (deferred, (num_reqs, query_start_loc, positions))
+
+    tables.compute_slot_mapping = compute_slot_mapping
 
 
 def _build_or_reuse(group, build, own: bool, last: dict, common, ubid: int = 0, **kwargs):
