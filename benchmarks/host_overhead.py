@@ -24,6 +24,11 @@ times ``--steps`` pure decode steps with wrappers around:
 * stock host work of the same step: ``GPUModelRunner._prepare_inputs`` + ``_build_attention_metadata``
   (``stock_worker_ms``) and ``Scheduler.schedule()`` (``schedule_ms`` of the stock run).
 
+Python's garbage collector runs several times per step at 1024 requests (vLLM's allocations fill its
+generations) and pauses whichever call allocates next: a collection that starts inside a timed call
+is counted apart (``v2drop_worker_gc_ms``; ``v2drop_worker_with_gc_ms`` counts it in; ``gc_ms`` and
+``gc_collections``: the whole step's).
+
 Milliseconds per decode step, medians over the ``--steps`` timed steps (this machine's other jobs
 preempt single steps; each row's ``means`` holds the means); JSON and a PNG go to ``--out``
 (``benchmarks/results``).
@@ -33,6 +38,7 @@ CPU numbers: compare them with each other, not with a GPU's.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -52,6 +58,16 @@ OVERHEAD = [0.0, 0.0]  # seconds a ``timed`` wrapper adds to a call; of them, in
 TIMES: dict[str, float] = defaultdict(float)
 CALLS: dict[str, int] = defaultdict(int)
 WRAPPED: list[tuple[object, str, object]] = []  # (owner, name, what it had before), to undo per engine
+GC = [0.0, 0, 0.0]  # seconds in Python's garbage collector so far, collections so far, start of the current one
+
+
+def _gc_clock(phase: str, info: dict) -> None:
+    """``gc.callbacks`` hook: adds every collection's pause to ``GC``."""
+    if phase == "start":
+        GC[2] = time.perf_counter()
+    else:
+        GC[0] += time.perf_counter() - GC[2]
+        GC[1] += 1
 
 
 def timed(owner, name: str, key: str) -> None:
@@ -63,13 +79,15 @@ def timed(owner, name: str, key: str) -> None:
 
     def wrapper(*args, **kwargs):
         depth[0] += 1
-        t = time.perf_counter()
+        g, t = GC[0], time.perf_counter()
         try:
             return original(*args, **kwargs)
         finally:
             depth[0] -= 1
             if depth[0] == 0:
-                TIMES[key] += time.perf_counter() - t
+                paused = GC[0] - g  # a collection that started inside the call: counted apart
+                TIMES[key] += time.perf_counter() - t - paused
+                TIMES["_gc_" + key] += paused
                 CALLS[key] += 1
 
     wrapper.__timed__ = key
@@ -206,6 +224,12 @@ def step_row(mode: str, wall: float, times: dict, calls: dict) -> dict:
     row.update({k: 1e3 * v for k, v in times.items() if not k.startswith(("mgr_", "cache_", "_"))})
     if "v2drop_plan_ms" in row:
         row["v2drop_worker_ms"] = row["v2drop_plan_ms"] + row.get("v2drop_metadata_ms", 0.0)
+        # collections that started in V2Drop's worker calls (vLLM's allocations fill the generations;
+        # whichever call allocates next pays): apart, and counted in once more in ..._with_gc_ms
+        row["v2drop_worker_gc_ms"] = 1e3 * (times.get("_gc_v2drop_plan_ms", 0.0) + times.get("_gc_v2drop_metadata_ms", 0.0))
+        row["v2drop_worker_with_gc_ms"] = row["v2drop_worker_ms"] + row["v2drop_worker_gc_ms"]
+    row["gc_ms"] = 1e3 * times.get("_gc_step", 0.0)
+    row["gc_collections"] = calls.get("_gc_step", 0)
     # the coordinator's cache_blocks over the step's requests, less the timer's own cost
     row["cache_blocks_ms"] = 1e3 * (times.get("cache_blocks", 0.0) - calls.get("cache_blocks", 0) * OVERHEAD[1])
     if calls.get("mgr_total"):
@@ -258,9 +282,11 @@ def run_mode(model: str, arch: str, mode: str, counts: list[int], steps: int, dt
         for _ in range(steps):
             TIMES.clear()
             CALLS.clear()
-            t0 = time.perf_counter()
+            g0, c0, t0 = GC[0], GC[1], time.perf_counter()
             engine.step()
-            samples.append(step_row(mode, time.perf_counter() - t0, TIMES, CALLS))
+            wall = time.perf_counter() - t0
+            TIMES["_gc_step"], CALLS["_gc_step"] = GC[0] - g0, GC[1] - c0
+            samples.append(step_row(mode, wall, TIMES, CALLS))
         running = engine.engine_core.engine_core.scheduler.get_num_unfinished_requests()
         assert running == n, f"{running} requests in the engine, expected {n}"
         keys = list(dict.fromkeys(k for sample in samples for k in sample))
@@ -329,6 +355,7 @@ def main(argv=None) -> int:
 
     model = args.model or str(ensure_model(args.arch))
     OVERHEAD[:] = timer_overhead()
+    gc.callbacks.append(_gc_clock)
     counts = [int(c) for c in args.counts.split(",")]
     rows = []
     for mode in args.modes.split(","):

@@ -156,6 +156,9 @@ def test_steps_after_every_item_equal_plan_step(seed):
             assert fast.same_view is not None
             assert [fast.same_view_as_before(s) for s in range(len(RATIOS) + 1)] == \
                 [ref.same_view_as_before(s) for s in range(len(RATIOS) + 1)]
+            # a pure decode step (the runner's one-row-per-request path) exactly where the arrays say so
+            assert fast.decode == bool((ref.query_lens == 1).all() and not ref.has_candidates)
+            assert fast.decode == (step % 2 == 0 or bool((ns == 1).all()))
         for r, n in zip(order, ns):
             computed[r] += int(n)
     nc_before = np.asarray([computed[r] for r in order])

@@ -469,6 +469,9 @@ class StepPlan:
         same_view: per stage, whether its view (query and sequence lengths) equals the stage
             before's (stage 0: False); None where not known ahead (:meth:`same_view_as_before`
             compares the arrays). The planner knows it for decode steps from its per-request rows.
+        decode: every request has one row at every stage and none is a candidate (a pure decode
+            step), as the planner found it; False where not known (the runner then takes its
+            general path, which gives the same metadata).
     """
 
     query_lens: np.ndarray
@@ -480,6 +483,7 @@ class StepPlan:
     seg_request: np.ndarray
     seg_item: np.ndarray
     same_view: tuple[bool, ...] | None = None
+    decode: bool = False
 
     def same_view_as_before(self, stage: int) -> bool:
         """Whether stage ``stage`` sees the same rows and KV lengths as stage ``stage - 1``."""
@@ -695,7 +699,8 @@ class BatchPlanner:
             return None
         drop, same_view = (self.dropped_t, self.same_view) if synced else (self.dropped[:n].T, None)
         seq_lens = end - drop
-        if (ns == 1).all():
+        decode = bool((ns == 1).all())
+        if decode:
             token_index = nc
         else:
             row_start = np.cumsum(ns) - ns
@@ -711,4 +716,5 @@ class BatchPlanner:
             seg_request=np.zeros(0, np.int64),
             seg_item=np.zeros(0, np.int64),
             same_view=same_view,
+            decode=decode,
         )

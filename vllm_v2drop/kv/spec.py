@@ -33,8 +33,12 @@ block holds ``G`` layer pages and every group's layers share it, so:
   padding (6.7% of its KV memory with equal blocks per stage); LLaVA-1.5's
   (3, 17, 22) of 32 gives 3/14/5/10 layers, 12 groups, 11% padding. A stage of
   a single layer forces ``G = 1``: one group per layer, no padding at all, but
-  one block table and one allocation per layer (scheduler and metadata work per
-  step grow with the layer count; 8 groups for the tiny 8-layer test model).
+  one block table and one allocation per layer (8 groups for the tiny 8-layer
+  test model). vLLM's per-step work grows with the group count: its coordinator
+  calls every group's manager for every running request, the runner computes
+  every group's slot mapping and builds its attention metadata. V2Drop's
+  coordinator answers decode steps that need no new block without those calls,
+  and the runner spares the stage-only groups' slot mappings and builds.
 * the saving itself is unaffected by ``G``: a stage-``s`` group still takes
   ``ceil(compact_len(s, n) / block_size)`` blocks.
 """

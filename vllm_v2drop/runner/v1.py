@@ -242,7 +242,7 @@ def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> No
         for name in runtime.stage_layer_names(0):
             if name in slot_mapping:
                 slot_mapping[name] = slot_mapping[name][: step.num_rows(0)]
-    decode = not step.has_candidates and bool((step.query_lens[0] == 1).all())
+    decode = step.decode
     if decode:  # one row per request in every stage, at seq_len - 1 (the plan's kv_starts)
         qsl_cpu, qsl_dev = runner.query_start_loc.cpu[: n + 1], runner.query_start_loc.gpu[: n + 1]
         host = device.type == "cpu"  # the plan's arrays serve as the device's
