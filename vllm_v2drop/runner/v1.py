@@ -187,14 +187,14 @@ def _slot_mapping(table, qsl: torch.Tensor, kv_pos: torch.Tensor, length: int) -
     vLLM's ``ComputeSlotMappingKernel`` (Triton on a GPU). On a CPU device its C++ fallback is
     called directly: one pass over the rows, where the kernel launcher's dispatch alone costs more
     than the work of a decode step. ``-1`` pads to ``length``."""
-    from vllm.v1.worker.block_table import _COMPUTE_SLOT_MAPPING_KERNEL
-
     bt = table.block_table.gpu
     num_rows = kv_pos.shape[0]
     if bt.device.type == "cpu" and table.dcp_world_size == 1:
         out = torch.empty(length, dtype=torch.int64) if length == num_rows else torch.full((length,), -1, dtype=torch.int64)
         torch.ops._C.compute_slot_mapping_kernel_impl(qsl, kv_pos, bt, out, table.block_size)
         return out
+    from vllm.v1.worker.block_table import _COMPUTE_SLOT_MAPPING_KERNEL
+
     out = torch.full((length,), -1, dtype=torch.int64, device=bt.device)
     _COMPUTE_SLOT_MAPPING_KERNEL(
         qsl.shape[0] - 1, num_rows, length, qsl, kv_pos, bt, bt.stride(0), out,
@@ -211,7 +211,8 @@ def _retarget(group, built, block_table: torch.Tensor, slots: torch.Tensor):
     if builder.supports_update_block_table:
         return builder.update_block_table(built, group.map_to_kernel_block_table(block_table), slots)
     if type(builder).__name__ == "CPUAttentionMetadataBuilder" and group.kernel_block_size is None:
-        out = copy.copy(built)
+        out = object.__new__(type(built))  # a shallow copy (a dataclass with a __dict__), without copy's protocol
+        out.__dict__.update(built.__dict__)
         out.block_table, out.slot_mapping = block_table, slots
         return out
     return None
@@ -237,7 +238,7 @@ def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> No
     device = runner.device
     batch = runner.input_batch
     is_prefilling = torch.from_numpy(batch.num_computed_tokens_cpu[:n] < batch.num_prompt_tokens[:n])
-    padded_len = max((len(v) for v in slot_mapping.values()), default=0)
+    padded_len = len(next(iter(slot_mapping.values()), ()))  # one length for every group (vLLM's _get_slot_mappings)
     if step.has_candidates:  # the drop loop runs exactly the step's rows, without padding
         for name in runtime.stage_layer_names(0):
             if name in slot_mapping:
