@@ -234,7 +234,7 @@ class V2DropCoordinator(KVCacheCoordinator):
         managers = self.single_type_managers
         out = tuple(manager.allocate_new_blocks(request_id, n[s], main[s])
                     for manager, s in zip(managers, self._v2drop_stages))
-        first, last, dropped = plan.summary
+        _, last, dropped = plan.summary
         if num_tokens >= last:  # past its items: stage s holds num_tokens - dropped[s] rows from now on
             blocks = managers[0].req_to_blocks[request_id]
             room = min(len(m.req_to_blocks[request_id]) * m.block_size + dropped[s]

@@ -60,6 +60,13 @@ def _builder_key(builder) -> tuple:
         "block_size", "num_heads", "num_kv_heads", "head_dim", "window_size", "isa", "dtype", "kv_cache_dtype")))
 
 
+def _stage_only(runtime: V2DropRuntime):
+    """Whether a group's layers (names) all lie in stages >= 1: ``kv_mode: per_stage``'s stage-only
+    groups, whose metadata and slots V2Drop replaces on every step it plans."""
+    staged = set().union(*(runtime.stage_layer_names(s) for s in range(1, len(runtime.schedule.layers) + 1)))
+    return lambda names: bool(names) and set(names) <= staged
+
+
 def _reuse_stage_builds(runner, runtime: V2DropRuntime) -> None:
     """Spare vLLM's own per-step metadata build for the KV-cache groups that hold only layers of
     stages >= 1 (``kv_mode: per_stage``: one group per stage layer here).
@@ -74,14 +81,12 @@ def _reuse_stage_builds(runner, runtime: V2DropRuntime) -> None:
     """
     runner._v2drop_build_reuse = runner.attn_groups[0][0]  # installed for these groups
     last: dict = {}  # the step's first build: (its common metadata, the metadata, its builder's key)
-    staged = set()
-    for stage in range(1, len(runtime.schedule.layers) + 1):
-        staged.update(runtime.stage_layer_names(stage))
+    stage_only = _stage_only(runtime)
     for attn_groups in runner.attn_groups:
         for group in attn_groups:
             if "build_metadata" in group.__dict__:
                 continue
-            own = bool(group.layer_names) and set(group.layer_names) <= staged
+            own = stage_only(group.layer_names)
             group.build_metadata = functools.partial(_build_or_reuse, group, group.build_metadata, own, last)
 
 
@@ -100,11 +105,8 @@ def _defer_stage_slots(runner, runtime: V2DropRuntime, tables) -> None:
     if (runner.speculative_config is not None or runner.parallel_config.use_ubatching
             or runner.vllm_config.kv_transfer_config is not None):
         return
-    staged = set()
-    for stage in range(1, len(runtime.schedule.layers) + 1):
-        staged.update(runtime.stage_layer_names(stage))
-    groups = runner.kv_cache_config.kv_cache_groups
-    own = [bool(g.layer_names) and set(g.layer_names) <= staged for g in groups]
+    stage_only = _stage_only(runtime)
+    own = [stage_only(g.layer_names) for g in runner.kv_cache_config.kv_cache_groups]
     if not any(own) or len(own) != len(tables.block_tables):
         return
     deferred = [t for t, o in zip(tables.block_tables, own) if o]
