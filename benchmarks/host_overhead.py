@@ -9,7 +9,11 @@ times ``--steps`` pure decode steps with wrappers around:
 
 * worker, V2Drop: ``runner.v1.read_batch`` and ``V2DropRuntime.plan_step`` (reading the step off
   the runner, planning) and ``runner.v1.install_stage_metadata`` (per-stage attention metadata and
-  slot mappings), together ``v2drop_worker_ms``;
+  slot mappings), together ``v2drop_worker_ms``. Of it, ``v2drop_backend_ms`` is the attention
+  backend's own work that V2Drop calls per stage: vLLM's slot-mapping op and the backend's metadata
+  builds (on this CPU backend, O(batch) C++ on the host; on a GPU a Triton kernel and, for
+  FlashAttention, a kernel launch), and ``v2drop_worker_own_ms`` the rest (V2Drop's planning and
+  bookkeeping);
 * scheduler, V2Drop, ``v2drop_sched_ms``: plans built for requests (``StagePlans.register``: none
   on a decode step), the prefix-cache cap (``v2drop_cache_cap_ms``: the coordinator's
   ``cache_blocks``, called for every scheduled request, V2Drop's override against vLLM's own in the
@@ -70,20 +74,28 @@ def _gc_clock(phase: str, info: dict) -> None:
         GC[1] += 1
 
 
-def timed(owner, name: str, key: str) -> None:
-    """Wrap ``owner.name`` so that its wall time adds up in ``TIMES[key]`` (nested calls count once)."""
+DEPTH: dict[str, int] = defaultdict(int)  # per key: timed calls running now
+
+
+def timed(owner, name: str, key: str, inside: str | None = None) -> None:
+    """Wrap ``owner.name`` so that its wall time adds up in ``TIMES[key]`` (nested calls count once);
+    with ``inside``, only the calls made while a call timed under that key runs."""
     original = getattr(owner, name)
     if getattr(original, "__timed__", None) == key:
         return
     depth = [0]
 
     def wrapper(*args, **kwargs):
+        if inside is not None and not DEPTH[inside]:
+            return original(*args, **kwargs)
         depth[0] += 1
+        DEPTH[key] += 1
         g, t = GC[0], time.perf_counter()
         try:
             return original(*args, **kwargs)
         finally:
             depth[0] -= 1
+            DEPTH[key] -= 1
             if depth[0] == 0:
                 paused = GC[0] - g  # a collection that started inside the call: counted apart
                 TIMES[key] += time.perf_counter() - t - paused
@@ -110,6 +122,7 @@ def install_timers(engine) -> None:
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.utils import AttentionGroup
 
     from vllm_v2drop.kv.manager import StagePlans
     from vllm_v2drop.runner import v1
@@ -121,6 +134,11 @@ def install_timers(engine) -> None:
     timed(v1, "read_batch", "v2drop_plan_ms")  # reading the step off the runner counts as planning
     timed(V2DropRuntime, "plan_step", "v2drop_plan_ms")
     timed(v1, "install_stage_metadata", "v2drop_metadata_ms")
+    # the attention backend's own O(batch) work inside V2Drop's metadata: vLLM's slot-mapping op
+    # (a Triton kernel on a GPU) and the metadata builds (on the CPU backend, its C++ scheduler
+    # metadata; FlashAttention's is a kernel launch): device work there, host work here
+    timed(v1, "_slot_mapping", "v2drop_backend_ms", inside="v2drop_metadata_ms")
+    timed(AttentionGroup, "build_metadata", "v2drop_backend_ms", inside="v2drop_metadata_ms")
     timed(StagePlans, "register", "v2drop_register_ms")
     coordinator_class = type(engine.engine_core.engine_core.scheduler.kv_cache_manager.coordinator)
     # the coordinator's cache_blocks, every scheduled request and step: vLLM's own in the stock run,
@@ -223,7 +241,11 @@ def step_row(mode: str, wall: float, times: dict, calls: dict) -> dict:
     row = {"step_ms": 1e3 * wall}
     row.update({k: 1e3 * v for k, v in times.items() if not k.startswith(("mgr_", "cache_", "_"))})
     if "v2drop_plan_ms" in row:
-        row["v2drop_worker_ms"] = row["v2drop_plan_ms"] + row.get("v2drop_metadata_ms", 0.0)
+        inner = calls.get("v2drop_backend_ms", 0)  # timers nested in install_stage_metadata: their own cost out
+        row["v2drop_metadata_ms"] = row.get("v2drop_metadata_ms", 0.0) - 1e3 * inner * OVERHEAD[0]
+        row["v2drop_backend_ms"] = row.get("v2drop_backend_ms", 0.0) - 1e3 * inner * OVERHEAD[1]
+        row["v2drop_worker_ms"] = row["v2drop_plan_ms"] + row["v2drop_metadata_ms"]
+        row["v2drop_worker_own_ms"] = row["v2drop_worker_ms"] - row["v2drop_backend_ms"]
         # collections that started in V2Drop's worker calls (vLLM's allocations fill the generations;
         # whichever call allocates next pays): apart, and counted in once more in ..._with_gc_ms
         row["v2drop_worker_gc_ms"] = 1e3 * (times.get("_gc_v2drop_plan_ms", 0.0) + times.get("_gc_v2drop_metadata_ms", 0.0))
