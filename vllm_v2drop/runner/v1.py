@@ -87,7 +87,8 @@ def _reuse_stage_builds(runner, runtime: V2DropRuntime) -> None:
             if "build_metadata" in group.__dict__:
                 continue
             own = stage_only(group.layer_names)
-            group.build_metadata = functools.partial(_build_or_reuse, group, group.build_metadata, own, last)
+            key = _builder_key(group.get_metadata_builder())  # once: a group keeps its builder
+            group.build_metadata = functools.partial(_build_or_reuse, group, group.build_metadata, own, key, last)
 
 
 def _defer_stage_slots(runner, runtime: V2DropRuntime, tables) -> None:
@@ -120,19 +121,18 @@ def _defer_stage_slots(runner, runtime: V2DropRuntime, tables) -> None:
     tables.compute_slot_mapping = compute_slot_mapping
 
 
-def _build_or_reuse(group, build, own: bool, last: dict, common, ubid: int = 0, **kwargs):
+def _build_or_reuse(group, build, own: bool, key: tuple, last: dict, common, ubid: int = 0, **kwargs):
     ref = last.get("ref")
     if (own and ref is not None and not kwargs and ubid == 0 and ref[0].seq_lens is common.seq_lens
             and ref[0].query_start_loc is common.query_start_loc and ref[0].num_reqs == common.num_reqs
             and ref[0].num_actual_tokens == common.num_actual_tokens
-            and getattr(common, "encoder_seq_lens", None) is None
-            and ref[2] == _builder_key(group.get_metadata_builder())):
+            and getattr(common, "encoder_seq_lens", None) is None and ref[2] == key):
         out = _retarget(group, ref[1], common.block_table_tensor, common.slot_mapping)
         if out is not None:
             return out
     out = build(common, ubid, **kwargs)
     if not own and ubid == 0 and not kwargs and (ref is None or ref[0].seq_lens is not common.seq_lens):
-        last["ref"] = (common, out, _builder_key(group.get_metadata_builder()))
+        last["ref"] = (common, out, key)
     return out
 
 
