@@ -78,25 +78,23 @@ DEPTH: dict[str, int] = defaultdict(int)  # per key: timed calls running now
 
 
 def timed(owner, name: str, key: str, inside: str | None = None) -> None:
-    """Wrap ``owner.name`` so that its wall time adds up in ``TIMES[key]`` (nested calls count once);
-    with ``inside``, only the calls made while a call timed under that key runs."""
+    """Wrap ``owner.name`` so that its wall time adds up in ``TIMES[key]`` (calls nested in another
+    call timed under the same key count once); with ``inside``, only the calls made while a call
+    timed under that key runs."""
     original = getattr(owner, name)
     if getattr(original, "__timed__", None) == key:
         return
-    depth = [0]
 
     def wrapper(*args, **kwargs):
         if inside is not None and not DEPTH[inside]:
             return original(*args, **kwargs)
-        depth[0] += 1
         DEPTH[key] += 1
         g, t = GC[0], time.perf_counter()
         try:
             return original(*args, **kwargs)
         finally:
-            depth[0] -= 1
             DEPTH[key] -= 1
-            if depth[0] == 0:
+            if DEPTH[key] == 0:
                 paused = GC[0] - g  # a collection that started inside the call: counted apart
                 TIMES[key] += time.perf_counter() - t - paused
                 TIMES["_gc_" + key] += paused
