@@ -145,9 +145,27 @@ class V2DropStageManager(FullAttentionManager):
         super().__init__(kv_cache_spec, **kwargs)
         self.stage = kv_cache_spec.stage
         self.plans = StagePlans.of(self.block_pool, kv_cache_spec.schedule)
+        self.cached_this_step: set[int] = set()  # ids of the blocks this manager cached in this step
 
     def _compact(self, request_id: str, num_tokens: int) -> int:
         return self.plans.compact_len(request_id, self.stage, num_tokens)
+
+    # Blocks cached in the step being scheduled hold rows the worker has not written yet (vLLM
+    # caches a block when it allocates it for the tokens it schedules). A hit that uses such a
+    # block whole reads it in the same forward after its owner wrote it, as in stock vLLM; a
+    # hit that ends inside it would have it copied (copy-on-write) at the start of the step,
+    # before it is written: the coordinator's lookup never ends inside one of these.
+    def new_step_starts(self) -> None:
+        super().new_step_starts()
+        self.cached_this_step.clear()
+
+    def cache_blocks(self, request, num_tokens: int, *args, **kwargs) -> None:
+        rid = request.request_id
+        before = self.num_cached_block.get(rid, 0)
+        super().cache_blocks(request, num_tokens, *args, **kwargs)
+        after = self.num_cached_block.get(rid, 0)
+        if after > before:
+            self.cached_this_step.update(b.block_id for b in self.req_to_blocks[rid][before:after])
 
     def allocate_external_computed_blocks(
         self,
@@ -308,9 +326,17 @@ class V2DropCoordinator(KVCacheCoordinator):
                 resume = min(resume, plan.resume_position(stage, length))
             if resume == 0:
                 break
+        lens = plan.compact_lens(resume) if resume else ()
+        while resume:  # never end inside a block cached in this step (V2DropStageManager.cache_blocks)
+            unwritten = [s for s, ids, _, _ in self._v2drop_stage_groups if lens[s] % size and any(
+                blocks[lens[s] // size].block_id in self.single_type_managers[gid].cached_this_step
+                for gid, blocks in zip(ids, found[s]))]
+            if not unwritten:
+                break
+            resume = min(plan.resume_position(s, lens[s] // size * size) for s in unwritten)
+            lens = plan.compact_lens(resume)
         if resume == 0:
             return tuple([] for _ in self.single_type_managers), 0, 0
-        lens = plan.compact_lens(resume)
         out = [[] for _ in self.single_type_managers]
         for stage, ids, _, _ in self._v2drop_stage_groups:
             keep = -(-lens[stage] // size)  # a last block only partly covered: vLLM's copy-on-write
