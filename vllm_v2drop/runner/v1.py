@@ -17,6 +17,8 @@ import functools
 import numpy as np
 import torch
 
+from vllm_v2drop.kv.audit import BlockAudit
+from vllm_v2drop.kv.audit import enabled as audit_enabled
 from vllm_v2drop.runtime import BatchView, V2DropRuntime, request_view
 from vllm_v2drop.plan import StepPlan
 
@@ -48,7 +50,15 @@ def install() -> None:
             for table in pending[0]:
                 table.compute_slot_mapping(*pending[1])
         with runtime.active(step, batch, self.device):
-            return original(self, *args, **kwargs)
+            out = original(self, *args, **kwargs)
+        audit = self.__dict__.get("_v2drop_audit", False)
+        if audit is False and groups and groups[0]:  # decided once the KV cache is set up
+            audit = self._v2drop_audit = BlockAudit(self) if audit_enabled() else None
+            if audit is not None and not audit.groups:  # kv_mode shared: no stage groups, nothing to audit
+                audit = self._v2drop_audit = None
+        if audit and batch is not None:
+            audit.after_step(self, runtime.schedule, batch)
+        return out
 
     _model_forward.__v2drop__ = True
     GPUModelRunner._model_forward = _model_forward
@@ -168,6 +178,8 @@ def _stage_groups(runner, runtime: V2DropRuntime, stage: int) -> list[tuple[int,
     """
     cache = runner.__dict__.setdefault("_v2drop_stage_groups", {})
     if stage not in cache:
+        from vllm.config import set_current_vllm_config
+
         names = set(runtime.stage_layer_names(stage))
         groups = []
         for gid, attn_groups in enumerate(runner.attn_groups):
@@ -178,7 +190,8 @@ def _stage_groups(runner, runtime: V2DropRuntime, stage: int) -> list[tuple[int,
                 g = copy.copy(group)
                 g.__dict__.pop("build_metadata", None)  # the class's own build (see _reuse_stage_builds)
                 g.layer_names, g.metadata_builders = mine, []
-                g.create_metadata_builders(runner.vllm_config, runner.device, group.kernel_block_size)
+                with set_current_vllm_config(runner.vllm_config):  # as vLLM builds its own (flash_attn_version)
+                    g.create_metadata_builders(runner.vllm_config, runner.device, group.kernel_block_size)
                 groups.append((gid, g))
         cache[stage] = groups
     return cache[stage]
