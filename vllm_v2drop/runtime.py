@@ -297,7 +297,9 @@ class V2DropRuntime:
             if s is not None and idx != lm.start_layer:  # at start_layer: cut by the previous rank
                 cut(s)
             if idx + 1 in stage_at:
-                x_prev = hidden if residual is None else hidden + residual
+                # Never the layer's input itself: a layer given residual=None makes its input the
+                # residual, which vLLM's fused add + RMSNorm (its CUDA kernel) then updates in place.
+                x_prev = hidden.clone() if residual is None else hidden + residual
             hidden, residual = lm.layers[idx](positions, hidden, residual)
             add = adds_after.get(idx) if adds_after else None
             if add is not None:
