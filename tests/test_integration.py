@@ -108,3 +108,41 @@ def test_model_impl_selects_new_architectures(tiny_models, arch):
 def test_refuses_vllm_video_pruning(tiny_models):
     msg = startup_error(tiny_models["qwen3-vl"], model_impl="v2drop", dtype="float32", video_pruning_rate=0.5)
     assert "cannot run with: vLLM's own video token pruning (--video-pruning-rate > 0)" in msg
+
+
+# Settings under which a stage's layers would silently not see their own metadata: each refused at
+# start-up, the message naming the setting and the reason.
+@pytest.mark.parametrize(
+    "kw, env, setting, why",
+    [
+        ({}, {"VLLM_USE_BREAKABLE_CUDAGRAPH": "1"}, "breakable CUDA graphs (VLLM_USE_BREAKABLE_CUDAGRAPH=1)",
+         "replay the graph captured without drops"),
+        ({"compilation_config": {"mode": 1}}, {},
+         "stock torch.compile (compilation_config mode STOCK_TORCH_COMPILE, -cc.mode=1)", "the drop loop"),
+        ({"compilation_config": {"pass_config": {"fuse_attn_quant": True}}}, {},
+         "compilation_config pass_config.fuse_attn_quant", "full ones"),
+        ({"compilation_config": {"use_inductor_graph_partition": True}}, {},
+         "compilation_config use_inductor_graph_partition", "no longer a graph split point"),
+        ({"enable_dbo": True}, {}, "micro-batching / dual batch overlap (--enable-dbo, --ubatch-size > 1)",
+         "one per micro-batch"),
+        ({"ubatch_size": 2}, {}, "micro-batching / dual batch overlap (--enable-dbo, --ubatch-size > 1)",
+         "one per micro-batch"),
+        ({"enable_lora": True}, {}, "LoRA (--enable-lora)", "not cut with the dropped rows"),
+    ],
+    ids=["breakable-cudagraph", "stock-torch-compile", "fuse-attn-quant", "inductor-graph-partition", "dbo",
+         "ubatch-size", "lora"],
+)
+def test_refuses_what_defeats_stage_metadata(tiny_models, monkeypatch, kw, env, setting, why):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    msg = startup_error(tiny_models["qwen2-vl"], model_impl="v2drop", **kw)
+    line = next((ln for ln in msg.splitlines() if "V2Drop (--model-impl v2drop) cannot run with:" in ln), msg)
+    assert setting in line and why in line, msg
+
+
+def test_default_compilation_is_accepted(tiny_models):
+    """vLLM's default compile mode on this platform is not refused, nor are the settings above when off."""
+    cfg = engine_config(tiny_models["qwen2-vl"], model_impl="v2drop",
+                        compilation_config={"use_inductor_graph_partition": False,
+                                            "pass_config": {"fuse_attn_quant": False}})
+    assert cfg.model_config.architecture.startswith("V2Drop")

@@ -135,6 +135,7 @@ class V2DropConfigHook:
         if mm_config is not None and mm_config.is_multimodal_pruning_enabled():
             # Qwen3-VL's EVS: its video placeholders then mark timestamp text rows as embedding rows
             refused.append("vLLM's own video token pruning (--video-pruning-rate > 0)")
+        refused += _defeats_stage_metadata(vllm_config)
         if refused:
             raise ValueError(
                 "V2Drop (--model-impl v2drop) cannot run with: " + "; ".join(refused)
@@ -160,6 +161,44 @@ class V2DropConfigHook:
         logger.info("%s", schedule.description)
         if forced:
             logger.info("V2Drop forces: %s", "; ".join(forced))
+
+
+def _defeats_stage_metadata(vllm_config) -> list[str]:
+    """Settings under which a stage's layers would not see their own attention metadata, slot
+    mapping or rows, with no error anywhere: each named with the reason.
+
+    The config hook runs before vLLM applies its defaults, so only settings a user made are seen
+    here; vLLM 0.32's defaults turn none of them on for a V2Drop model.
+    """
+    import os
+
+    from vllm.config import CompilationMode
+
+    refused = []
+    if os.environ.get("VLLM_USE_BREAKABLE_CUDAGRAPH") == "1":  # as vllm.envs reads it
+        refused.append(
+            "breakable CUDA graphs (VLLM_USE_BREAKABLE_CUDAGRAPH=1): a step that drops rows would "
+            "replay the graph captured without drops instead of the stages' own attention metadata")
+    compilation = vllm_config.compilation_config
+    if compilation.mode == CompilationMode.STOCK_TORCH_COMPILE:
+        refused.append(
+            "stock torch.compile (compilation_config mode STOCK_TORCH_COMPILE, -cc.mode=1): it compiles "
+            "the whole model's forward in one graph, the drop loop and its per-step plan included")
+    if getattr(compilation.pass_config, "fuse_attn_quant", None):
+        refused.append(
+            "attention + quantisation fusion (compilation_config pass_config.fuse_attn_quant): it turns "
+            "the forced piecewise CUDA graphs into full ones, whose attention metadata is one for all stages")
+    if compilation.use_inductor_graph_partition:
+        refused.append(
+            "Inductor graph partitioning (compilation_config use_inductor_graph_partition): the KV-cache "
+            "write is no longer a graph split point, so captured pieces write with one slot mapping for all stages")
+    if vllm_config.parallel_config.use_ubatching:
+        refused.append(
+            "micro-batching / dual batch overlap (--enable-dbo, --ubatch-size > 1): attention metadata becomes "
+            "one per micro-batch, and V2Drop would stop dropping while kv_mode per_stage still compacts the KV cache")
+    if vllm_config.lora_config is not None:
+        refused.append("LoRA (--enable-lora): its per-token adapter mappings are not cut with the dropped rows")
+    return refused
 
 
 def base_architecture(architecture: str) -> str:
@@ -198,6 +237,9 @@ def _force_runner_and_graphs(vllm_config) -> list[str]:
                 "requires Model Runner V2. Set VLLM_USE_V2_MODEL_RUNNER=0 or drop the option that needs it."
             )
         forced.append("the V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
+    if "VLLM_USE_BREAKABLE_CUDAGRAPH" not in os.environ and os.environ.get("VLLM_BATCH_INVARIANT", "0") != "0":
+        os.environ["VLLM_USE_BREAKABLE_CUDAGRAPH"] = "0"  # vLLM turns it on for batch invariance otherwise
+        forced.append("no breakable CUDA graphs with VLLM_BATCH_INVARIANT (VLLM_USE_BREAKABLE_CUDAGRAPH=0)")
     compilation = vllm_config.compilation_config
     mode = compilation.cudagraph_mode
     if current_platform.is_cuda_alike() and (mode is None or mode.has_full_cudagraphs()):
