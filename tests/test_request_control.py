@@ -26,6 +26,26 @@ def schedule(**cfg):
 SCHED = schedule()
 
 
+def test_request_settings_work_without_vllm():
+    """The settings' reader and its error import and work where vLLM is not installed."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['vllm'] = None; sys.modules['vllm.exceptions'] = None\n"
+        "from vllm_v2drop.config import V2DropConfig\n"
+        "from vllm_v2drop.overrides import V2DropRequestError, parse\n"
+        "sched = V2DropConfig().resolve(8, 'Qwen2VLForConditionalGeneration')\n"
+        "try:\n"
+        "    parse({'v2drop_off': 3}, sched)\n"
+        "except ValueError as err:\n"
+        "    assert isinstance(err, V2DropRequestError) and 'vllm_xargs.v2drop_off' in str(err), err\n"
+        "    print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
 def test_no_settings_means_the_engine_schedule():
     assert parse(None, SCHED) is None
     assert parse({}, SCHED) is None

@@ -41,13 +41,18 @@ KEYS: dict[str, str] = {
 }
 
 
+class _NoVLLMValidationError(Exception):
+    """Stands in for ``VLLMValidationError`` where vLLM is not installed (plain ``Exception`` and
+    ``ValueError`` together have no consistent method resolution order)."""
+
+
 def _error_base():
     try:
         from vllm.exceptions import VLLMValidationError
 
         return VLLMValidationError
-    except ImportError:  # pragma: no cover - vLLM always has it in 0.32
-        return Exception
+    except ImportError:  # no vLLM here: the plan and its tools work without it
+        return _NoVLLMValidationError
 
 
 class V2DropRequestError(_error_base(), ValueError):
