@@ -15,6 +15,10 @@ preempted) and sends ``-n`` requests, ``-c`` at a time, drawn (``--seed``) from 
   stop             a greedy request with a stop string taken from its own answer
   n2               ``n=2`` sampling (temperature 1)
   burst            three ``n=4`` requests with two 448x336 images each, sent at once
+  chat             greedy multi-turn chats that re-send their image and the history (system prompt, an
+                   image, a question, the assistant's answer, a second question): with ``--block-size 32``
+                   and ``kv_mode: per_stage`` they reuse the pruned KV of the turn before (prefix caching
+                   Level 2) while the pool evicts and preempts
   abort            a client that cancels a stream after two chunks, or gives up after 0.3 s
   malformed        a client mistake (bad base64, not an image, too many images, negative max_tokens, ...)
 
@@ -57,8 +61,9 @@ LIMITS = {"image": 2, "video": 1}
 BLOCK_BYTES = 128 * 8 * 2 * 2 * 32 * 4  # tiny models: 128-token block x 8 layers x (K, V) x 2 heads x 32 dims, fp32
 MAX_TOKENS = 128
 WEIGHTS = {"plain": 18, "text": 7, "video": 8, "stream": 9, "logprobs": 6, "prompt_logprobs": 5, "stop": 5,
-           "n2": 6, "burst": 4, "abort": 8, "malformed": 20}  # about one request in five is malformed
+           "n2": 6, "burst": 4, "abort": 8, "chat": 12, "malformed": 20}  # about one request in six is malformed
 IMAGES = ("img0", "img1", "img2", "img3", "img4", "two")
+CHATS = ("chat0", "chat1", "chat2")
 VARIANTS = {"plain": {}, "stop": {}, "plogp": {"extra_body": {"prompt_logprobs": 1, "ignore_eos": True}},
             "n2": {"n": 2, "temperature": 1.0}, "n4": {"n": 4, "temperature": 1.0}}
 
@@ -78,7 +83,21 @@ def contents() -> dict[str, list[dict]]:
             "text0": [txt("Tell me about the sky.")],
             "text1": [txt("Write a long story about a lighthouse keeper. " * 12)],
             "vid4": [video_part(video_data_url(4, (64, 64), seed=11)), txt("What happens in this video?")],
-            "vid8": [video_part(video_data_url(8, (96, 64), seed=12)), txt("Describe the motion.")]}
+            "vid8": [video_part(video_data_url(8, (96, 64), seed=12)), txt("Describe the motion.")],
+            **chats()}
+
+
+def chats() -> dict[str, dict]:
+    """Chats that re-send their image and history: a second turn, its first turn, and a long question."""
+    system = {"role": "system", "content": "You are a careful assistant describing photos for an archive."}
+    small = image_part(image_data_url((112, 112), seed=21, fmt="JPEG"))
+    big = image_part(image_data_url((448, 336), seed=22, fmt="JPEG"))
+    first = {"role": "user", "content": [small, {"type": "text", "text": "What is in this photo?"}]}
+    return {"chat0": {"messages": [system, first, {"role": "assistant", "content": "A gradient with a few blocks."},
+                                   {"role": "user", "content": "Which colour dominates, and where?"}]},
+            "chat1": {"messages": [system, first]},
+            "chat2": {"messages": [system, {"role": "user", "content": [big, {
+                "type": "text", "text": "Describe this image in detail: colours, shapes and where each one sits."}]}]}}
 
 
 def malformed_bodies(model: str, c: dict) -> dict[str, dict | bytes]:
@@ -137,7 +156,9 @@ class Soak:
     # ------------------------------------------------------------------------------------ requests
 
     def kwargs(self, name: str, variant: str = "plain") -> dict:
-        kw = {"model": self.model, "messages": [{"role": "user", "content": self.c[name]}], "max_tokens": MAX_TOKENS,
+        content = self.c[name]
+        messages = content["messages"] if isinstance(content, dict) else [{"role": "user", "content": content}]
+        kw = {"model": self.model, "messages": messages, "max_tokens": MAX_TOKENS,
               "temperature": 0.0, "seed": self.args.seed, "extra_body": {"ignore_eos": True}, **VARIANTS[variant]}
         if variant == "stop":
             kw["stop"] = [self.stops[name]]
@@ -233,12 +254,13 @@ class Soak:
             return self.answer(cat, rng.choice(IMAGES), **extra)
         return {"text": lambda: self.answer(cat, rng.choice(("text0", "text1"))),
                 "video": lambda: self.answer(cat, rng.choice(("vid4", "vid8"))),
-                "stream": lambda: self.stream(rng.choice(IMAGES + ("vid8", "text1"))),
+                "stream": lambda: self.stream(rng.choice(IMAGES + CHATS + ("vid8", "text1"))),
+                "chat": lambda: self.answer(cat, rng.choice(CHATS)),
                 "prompt_logprobs": lambda: self.answer(cat, rng.choice(("img2", "vid4")), "plogp"),
                 "stop": lambda: self.answer(cat, rng.choice(("img3", "text0", "two")), "stop"),
-                "n2": lambda: self.answer(cat, rng.choice(("img1", "text0")), "n2"),
+                "n2": lambda: self.answer(cat, rng.choice(("img1", "text0", "chat0")), "n2"),
                 "burst": lambda: self.answer(cat, "big2", "n4"),
-                "abort": lambda: self.abort(rng.choice(IMAGES + ("vid8",)), by_timeout=rng.random() < 0.5),
+                "abort": lambda: self.abort(rng.choice(IMAGES + CHATS + ("vid8",)), by_timeout=rng.random() < 0.5),
                 "malformed": lambda: self.malformed(rng.choice(sorted(self.bad)))}[cat]()
 
     async def safe(self, cat: str, rng: random.Random) -> dict:
@@ -324,8 +346,11 @@ class Soak:
         m1 = await self.metrics()
         key = "vllm:num_preemptions_total"
         preempt = max(m1.get(key, 0.0), peak.pop("num_preemptions_total", 0.0)) - m0.get(key, 0.0)
+        cache = {k: int(m1.get(f"vllm:prefix_cache_{k}_total", 0.0) - m0.get(f"vllm:prefix_cache_{k}_total", 0.0))
+                 for k in ("queries", "hits")}
         return {"records": records, "refs": self.refs, "after": after, "peak": peak, "final": final,
-                "preemptions": int(preempt), "reference_s": round(ref_s, 1), "load_s": round(load_s, 1)}
+                "preemptions": int(preempt), "prefix_cache": cache, "reference_s": round(ref_s, 1),
+                "load_s": round(load_s, 1)}
 
 
 def scan_log(text: str) -> dict:
@@ -368,7 +393,7 @@ def summarize(out: dict, log_text: str, alive: bool) -> dict:
         "mismatch_examples": [f"{r['category']} {r['key']}: {r['got']} != {refs.get(r['key'])} {r['detail']}"
                               for r in wrong[:5]] + out["after"][:5],
         "valid_failed": len(failed), "valid_failed_examples": failed[:10], "hangs": totals.get("hang", 0),
-        "preemptions": out["preemptions"], "peak": out["peak"], "final": out["final"], "alive": alive, **log,
+        "preemptions": out["preemptions"], "prefix_cache": out["prefix_cache"], "peak": out["peak"], "final": out["final"], "alive": alive, **log,
         "reference_s": out["reference_s"], "load_s": out["load_s"],
     }
     res["checks"] = {
@@ -386,10 +411,15 @@ def summarize(out: dict, log_text: str, alive: bool) -> dict:
 
 
 def server_args(args) -> list[str]:
-    return ["--model-impl", "v2drop", "--enforce-eager", "--dtype", "float32", "--max-model-len", "4096",
-            "--seed", "0", "--kv-cache-memory-bytes", str(args.kv_blocks * BLOCK_BYTES),
-            "--limit-mm-per-prompt", json.dumps(LIMITS),
-            "--additional-config", json.dumps({"v2drop": {"kv_mode": args.kv_mode}})]
+    out = ["--model-impl", "v2drop", "--enforce-eager", "--dtype", "float32", "--max-model-len", str(args.max_model_len),
+           "--seed", "0", "--kv-cache-memory-bytes", str(args.kv_blocks * BLOCK_BYTES),
+           "--limit-mm-per-prompt", json.dumps(LIMITS),
+           "--additional-config", json.dumps({"v2drop": {"kv_mode": args.kv_mode}})]
+    if args.block_size:
+        out += ["--block-size", str(args.block_size)]
+    if args.max_num_batched_tokens:
+        out += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -400,7 +430,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-c", "--concurrency", type=int, default=24)
     p.add_argument("--seed", type=int, default=0, help="draws the requests; also the seed of every request")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds after which a request counts as hung")
-    p.add_argument("--kv-blocks", type=int, default=36, help="KV pool in 128-token blocks (33 hold 4096 tokens)")
+    p.add_argument("--kv-blocks", type=int, default=36, help="KV pool in 128-token units (33 hold 4096 tokens)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="KV block size (the CPU backend's default is 128; 32 makes prefix caching hit more)")
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--seeded-sampling", action="store_true",
                    help="seed the n2 / burst requests and compare them too (kills vLLM 0.32's CPU engine)")
     p.add_argument("--log", default=None, help="server log (default build/soak-logs/soak-ARCH-KVMODE.log)")
@@ -422,7 +456,8 @@ def run_soak(argv: list[str] | None = None) -> dict:
     log = Path(args.log or REPO / "build" / "soak-logs" / f"soak-{args.arch}-{args.kv_mode}.log")
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    with serve(model, server_args(args), log_path=log, env={"VLLM_CPU_KVCACHE_SPACE": None}) as url:
+    # the KV audit checks every prefix-cache reuse of a per_stage block (vllm_v2drop.kv.audit)
+    with serve(model, server_args(args), log_path=log, env={"VLLM_CPU_KVCACHE_SPACE": None, "V2DROP_AUDIT_KV": "1"}) as url:
         startup = time.monotonic() - t0
         print(f"soak {args.arch} {args.kv_mode}: server up in {startup:.0f} s; {args.num_requests} requests, "
               f"concurrency {args.concurrency}; log {log}", flush=True)
@@ -443,6 +478,7 @@ def run_soak(argv: list[str] | None = None) -> dict:
         log_text = read_log(log)  # before the server stops (its shutdown logs an EngineDeadError)
     res = {"arch": args.arch, "kv_mode": args.kv_mode, "num_requests": args.num_requests,
            "concurrency": args.concurrency, "seed": args.seed, "kv_blocks": args.kv_blocks,
+           "block_size": args.block_size, "kv_audit": True,
            "seeded_sampling": args.seeded_sampling, "server_args": server_args(args), "server_log": str(log),
            **summarize(out, log_text, alive),
            "startup_s": round(startup, 1), "wall_s": round(time.monotonic() - t0, 1)}

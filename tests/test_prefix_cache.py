@@ -20,6 +20,8 @@ then show the hits promised:
 from __future__ import annotations
 
 import itertools
+import os
+from unittest import mock
 
 import pytest
 
@@ -275,3 +277,35 @@ def test_level2_hits_the_answer_the_turn_before_generated(engine):
         assert hits == (first_image_position(llm, first) // BS) * BS
     else:
         assert prompt_len < reusable - BS < hits <= reusable
+
+
+@pytest.fixture(scope="module")
+def in_process_engine():
+    """``per_stage`` with the tiny model's default schedule and room for several requests at once; the
+    engine core runs in this process, so requests handed over together are scheduled in the same step
+    (over ZMQ the first one can start alone)."""
+    model_dir = ensure_model("qwen2-vl")
+    with mock.patch.dict(os.environ, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}), \
+            llm_engine(model_dir, model_impl="v2drop", additional_config={"v2drop": {"kv_mode": "per_stage"}},
+                       block_size=BS, enable_prefix_caching=True, max_model_len=1024,
+                       kv_cache_memory_bytes=256 * BS * 4096) as llm:
+        yield llm, model_dir
+
+
+def test_same_step_hits_equal_alone(in_process_engine):
+    """Identical pruned requests scheduled in one step: the second and later ones find the first one's
+    blocks in the prefix cache before the step has written them (vLLM caches a block when it allocates
+    it). A hit that ended inside such a block had vLLM copy it (copy-on-write) at the start of the
+    step, unwritten, and those requests answered with other text; the KV audit
+    (``V2DROP_AUDIT_KV``, on in the suite) stops the engine at the reuse. They must answer as alone."""
+    llm, model_dir = in_process_engine
+    from vllm import SamplingParams
+
+    question = "Describe this image in detail."
+    req = {"prompt": chat(model_dir, [(question, None)], system="You are a helpful assistant."),
+           "multi_modal_data": {"image": make_image((448, 336), 3)}}
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    alone = list(llm.generate([{**req, "cache_salt": "alone"}], params, use_tqdm=False)[0].outputs[0].token_ids)
+    llm.reset_prefix_cache()
+    together = [list(o.outputs[0].token_ids) for o in llm.generate([req] * 4, params, use_tqdm=False)]
+    assert together == [alone] * 4
