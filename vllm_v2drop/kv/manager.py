@@ -446,6 +446,17 @@ class V2DropCoordinator(KVCacheCoordinator):
 
 
 _coordinator_classes: dict[tuple[type, bool], type] = {}
+
+
+def _keep_mm_data(mm_features, num_computed_tokens: int, uses_mrope: bool = False):
+    """What a V2Drop engine's scheduler sends the worker with a new request: every vision item's data.
+
+    vLLM leaves out the data of the items its prefix-cache hit covers at admission, and its worker
+    keeps a request's state from admission when the request is resumed after preemption. A resumed
+    request can hit less than at its admission (evicted blocks; a ``per_stage`` stage that runs out
+    earlier), and must then encode an item its first hit covered: without the data the worker skips
+    the encoder and stops the engine ("Encoder cache miss")."""
+    return mm_features
 _hooks_installed = False
 
 
@@ -483,6 +494,9 @@ def install_scheduler_hooks() -> None:
 
         if getattr(self.vllm_config.model_config, "architecture", None) in V2DROP_ARCHITECTURES:
             V2DropCoordinator.adopt(self.kv_cache_manager.coordinator, resolve_schedule(self.vllm_config))
+            from vllm.v1.core.sched import output
+
+            output.strip_covered_mm_data = _keep_mm_data
 
     @functools.wraps(get_computed_blocks)
     def _get_computed_blocks(self, request):
