@@ -309,3 +309,27 @@ def test_same_step_hits_equal_alone(in_process_engine):
     llm.reset_prefix_cache()
     together = [list(o.outputs[0].token_ids) for o in llm.generate([req] * 4, params, use_tqdm=False)]
     assert together == [alone] * 4
+
+
+def test_new_request_data_keeps_vision_data_past_the_hit(in_process_engine):
+    """What the scheduler sends the worker for a request whose prefix hit covers its image still holds
+    the image's data: a request resumed after preemption can hit less than at admission, and vLLM's
+    worker, which keeps a resumed request's state from admission, must then encode the image again."""
+    llm, model_dir = in_process_engine
+    from vllm import SamplingParams
+    from vllm.v1.core.sched.output import NewRequestData
+
+    engine = llm.llm_engine
+    req = {"prompt": chat(model_dir, [("What is in this photo?", None)]),
+           "multi_modal_data": {"image": make_image("small", 61)}}
+    engine.add_request("keeps-data", req, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    engine.step()  # the prefill: computed tokens now cover the image
+    scheduler = engine.engine_core.engine_core.scheduler
+    request = next(r for rid, r in scheduler.requests.items() if rid.startswith("keeps-data"))
+    image = request.mm_features[0].mm_position
+    assert request.num_computed_tokens > image.offset + image.length
+    sent = NewRequestData.from_request(request, ([],))
+    assert [f.data is not None for f in sent.mm_features] == [True]
+    engine.abort_request(["keeps-data"])
+    while engine.has_unfinished_requests():
+        engine.step()
