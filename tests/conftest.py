@@ -37,7 +37,7 @@ os.environ.setdefault("V2DROP_AUDIT_KV", "1")
 REPO = Path(__file__).resolve().parents[1]
 ARCHS = ("llava", "llava-onevision", "qwen2-vl", "qwen2.5-vl")
 VIDEO_ARCHS = ("llava-onevision", "qwen2-vl", "qwen2.5-vl")
-# Issue 13's architectures: their own engine module (tests/test_engine_new_archs.py), not ARCHS' tests
+# Qwen3-VL, Qwen3-VL-MoE and LLaVA-NeXT: their own engine module (tests/test_engine_new_archs.py), not ARCHS' tests
 NEW_ARCHS = ("qwen3-vl", "qwen3-vl-moe", "llava-next")
 NEW_VIDEO_ARCHS = ("qwen3-vl", "qwen3-vl-moe")
 # Archs whose vLLM video input needs the metadata (fps: Qwen2.5-VL's temporal positions, Qwen3-VL's timestamps)

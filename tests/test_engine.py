@@ -37,7 +37,7 @@ HF_ARCH = {
     "llava-onevision": "LlavaOnevisionForConditionalGeneration",
     "qwen2-vl": "Qwen2VLForConditionalGeneration",
     "qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration",
-    "qwen3-vl": "Qwen3VLForConditionalGeneration",  # issue 13's: tests/test_engine_new_archs.py
+    "qwen3-vl": "Qwen3VLForConditionalGeneration",  # its own engine module: tests/test_engine_new_archs.py
     "qwen3-vl-moe": "Qwen3VLMoeForConditionalGeneration",
     "llava-next": "LlavaNextForConditionalGeneration",
 }
