@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+from vllm_v2drop.seams import check_seams
 from vllm_v2drop.version import check_vllm_version
 
 logger = logging.getLogger("vllm.v2drop")
@@ -92,6 +93,7 @@ def _map_model_impl(registry) -> None:
         wants_v2drop = getattr(model_config, "model_impl", None) == MODEL_IMPL
         if wants_v2drop or any(a in V2DROP_ARCHITECTURES for a in archs):
             check_vllm_version()  # another vLLM: stop here, with the installed and supported versions
+            check_seams()  # a build that differs where V2Drop hooks in: stop here, naming each difference
         if not wants_v2drop:
             return architectures
         out = [ARCHITECTURES.get(a, a) for a in archs]
@@ -120,10 +122,12 @@ class V2DropConfigHook:
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
         check_vllm_version()
+        check_seams()
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
         check_vllm_version()
+        check_seams()
         refused = []
         if vllm_config.speculative_config is not None:
             refused.append("speculative decoding (--speculative-config)")
