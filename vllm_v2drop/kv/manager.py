@@ -35,7 +35,9 @@ nothing (text-only, ``v2drop_off``) cache and hit as in stock vLLM.
   out (``RequestPlan.resume_position``; never inside an item), and every group keeps the
   blocks that cover ``M``: ``ceil(compact_len(s, M) / B)``. A last block only partly
   covered is copied by vLLM's own copy-on-write of a partial prefix hit (the request
-  writes its next rows into its private copy). A turn of a chat that re-sends an image thus
+  writes its next rows into its private copy); never a block cached in the step being
+  scheduled, whose rows the copy would take before they are written (``M`` moves back to
+  before it; ``V2DropStageManager.cache_blocks``). A turn of a chat that re-sends an image thus
   hits through the image in every stage: the image is neither encoded nor prefilled again.
   vLLM's prefix-cache metrics count ``M``.
 """
@@ -162,6 +164,8 @@ class V2DropStageManager(FullAttentionManager):
     def cache_blocks(self, request, num_tokens: int, *args, **kwargs) -> None:
         rid = request.request_id
         before = self.num_cached_block.get(rid, 0)
+        if num_tokens // self.block_size <= before:
+            return  # no new full block (vLLM's own first answer, without its call): most steps
         super().cache_blocks(request, num_tokens, *args, **kwargs)
         after = self.num_cached_block.get(rid, 0)
         if after > before:
@@ -457,6 +461,8 @@ def _keep_mm_data(mm_features, num_computed_tokens: int, uses_mrope: bool = Fals
     earlier), and must then encode an item its first hit covered: without the data the worker skips
     the encoder and stops the engine ("Encoder cache miss")."""
     return mm_features
+
+
 _hooks_installed = False
 
 
