@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 
+from test_pipeline_split import batch  # an image request, a text-only one, a two-image one
 from vllm_v2drop.config import V2DropConfig
-from vllm_v2drop.runtime import BatchView, RequestView, V2DropRuntime, VisionItem
+from vllm_v2drop.runtime import V2DropRuntime
 
 DEPTH, HIDDEN, PAD, EPS = 8, 16, 3, 1e-6
 
@@ -83,17 +83,6 @@ class Decoder(torch.nn.Module):
         self.norm = Norm(99, inplace)
 
 
-def _batch() -> BatchView:
-    views = {
-        "a": RequestView("a", 30, [VisionItem("image", np.arange(3, 23))], False),
-        "t": RequestView("t", 7, [], False),
-        "b": RequestView("b", 40, [VisionItem("image", np.arange(2, 14)), VisionItem("image", np.arange(18, 36))],
-                         False),
-    }
-    lens = np.asarray([v.num_prompt_tokens for v in views.values()])
-    return BatchView(list(views), np.zeros(3, np.int64), lens, views.__getitem__)
-
-
 def _run(layers, metric: str, inplace: bool):
     """The step's output, each stage's kept (segment, token_index) rows, and the embeddings after."""
     config = {"layers": list(layers), "keep_ratios": [0.5, 0.5, 0.25][: len(layers)], "metric": metric,
@@ -102,7 +91,7 @@ def _run(layers, metric: str, inplace: bool):
     rows = 30 + 7 + 40
     embeds = torch.randn(rows + PAD, HIDDEN, generator=torch.Generator().manual_seed(0))
     positions = torch.cat([torch.arange(30), torch.arange(7), torch.arange(40), torch.zeros(PAD, dtype=torch.long)])
-    view = _batch()
+    view = batch()
     rt = V2DropRuntime(sched, [f"layer{i}" for i in range(DEPTH)])
     with rt.active(rt.plan_step(view), view, torch.device("cpu")):
         drop = rt.current(rows + PAD)
@@ -142,7 +131,7 @@ def test_no_layer_input_is_held_as_a_score_input():
         held.extend([x_cur, x_prev])
         return original(metric, x_cur, x_prev, **kw)
 
-    view = _batch()
+    view = batch()
     rt = V2DropRuntime(sched, [f"layer{i}" for i in range(DEPTH)])
     embeds = torch.randn(77 + PAD, HIDDEN)
     mp = pytest.MonkeyPatch()
