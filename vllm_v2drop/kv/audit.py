@@ -11,6 +11,8 @@ from the request's own tokens (``(stage, compact row, hash of the tokens and vis
 the last position the row depends on, the keep-ratio digest where rows were dropped)``, the
 rule of :meth:`RequestPlan.block_key_positions` row by row). When a block fills, its rows' keys
 and a fingerprint of each row's K and V in every layer of its KV-cache group are recorded.
+Every step, each request's rows in each stage must also fit in the blocks the scheduler
+allocated to it in that stage's groups (the worker writes only where the scheduler counted).
 When a request starts from a prefix hit (``num_computed > 0`` in its first step, after
 admission or preemption), every block it reuses must carry the request's own keys with an
 unchanged fingerprint, and a last block reused in part (vLLM's copy-on-write copy) must equal,
@@ -131,7 +133,14 @@ class BlockAudit:
                 starting.append((i, rid, plan, c))
             self.progress[rid] = (c + m, first)
             for gid, stage, size, kvs in self.groups:
-                lo, hi = plan.compact_len(stage, c) // size, plan.compact_len(stage, c + m) // size
+                rows = plan.compact_len(stage, c + m)
+                allocated = int(tables[gid].num_blocks_per_row[i]) * tables[gid].block_size
+                if allocated < rows:  # the worker wrote past the blocks the scheduler gave the request
+                    raise V2DropAuditError(
+                        f"V2Drop KV audit: request {rid} holds {rows} rows of stage {stage} after this step "
+                        f"(tokens {c}..{c + m - 1}), but KV-cache group {gid} has only {allocated} slots "
+                        f"({int(tables[gid].num_blocks_per_row[i])} blocks) from the scheduler")
+                lo, hi = plan.compact_len(stage, c) // size, rows // size
                 row = tables[gid].block_table.np[i]
                 for j in range(lo, hi):
                     keys = self._row_keys(runner, rid, plan, stage, j * size, (j + 1) * size)
