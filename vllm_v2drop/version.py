@@ -92,15 +92,8 @@ class V2DropVersionGuard:
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
         check_vllm_version()
-        _check_seams()
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
         check_vllm_version()
-        _check_seams()
 
-
-def _check_seams() -> None:
-    from vllm_v2drop.seams import check_seams  # seams imports this module
-
-    check_seams()
