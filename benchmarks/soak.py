@@ -43,7 +43,6 @@ import argparse
 import asyncio
 import base64
 import json
-import os
 import random
 import re
 import sys
@@ -458,7 +457,7 @@ def run_soak(argv: list[str] | None = None) -> dict:
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     # the KV audit checks every prefix-cache reuse of a per_stage block (vllm_v2drop.kv.audit)
-    with serve(model, server_args(args), log_path=log, env={"VLLM_CPU_KVCACHE_SPACE": None, "V2DROP_AUDIT_KV": os.environ.get("SOAK_AUDIT", "1")}) as url:
+    with serve(model, server_args(args), log_path=log, env={"VLLM_CPU_KVCACHE_SPACE": None, "V2DROP_AUDIT_KV": "1"}) as url:
         startup = time.monotonic() - t0
         print(f"soak {args.arch} {args.kv_mode}: server up in {startup:.0f} s; {args.num_requests} requests, "
               f"concurrency {args.concurrency}; log {log}", flush=True)
