@@ -95,6 +95,7 @@ def test_v2drop_on_another_vllm_stops_at_startup(tiny_models, monkeypatch):
     import vllm
 
     model = tiny_models["qwen2-vl"]
+    engine_config(model)  # the plugin registers once per process: with the installed vLLM, as in any other test
     monkeypatch.setattr(vllm, "__version__", OTHER)
     assert_names_versions(expect_version_stop(model, model_impl="v2drop"), OTHER)
     assert_names_versions(expect_version_stop(
