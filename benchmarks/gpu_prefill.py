@@ -9,7 +9,7 @@ intermediate 18944, vocab 152064, M-RoPE with rope theta 1e6 and sections 16/24/
 transformers' own Qwen2-VL text classes with random bf16 weights and ``sdpa`` attention. Its
 decoder layers are called the way vLLM calls them (``layer(positions, hidden, residual)``,
 returning ``(hidden, residual)``), so the project's own drop loop,
-:meth:`vllm_v2drop.runtime.V2DropRuntime.forward`, runs them unchanged: the runtime plans the
+:meth:`vllm_v2drop.worker.runtime.V2DropRuntime.forward`, runs them unchanged: the runtime plans the
 batch (:class:`~vllm_v2drop.plan.BatchPlanner`), and at each stage scores the rows, runs the
 segmented top-k and gathers the kept rows (:mod:`vllm_v2drop.selection`). Every request in a
 batch has the same shape (64 text rows, 32 before and 32 after one vision item), so the packed
@@ -217,7 +217,7 @@ class Workload:
 
     def batch_view(self):
         """A fresh :class:`BatchView` (new request ids: each prefill plans its requests anew)."""
-        from vllm_v2drop.runtime import BatchView, RequestView, VisionItem
+        from vllm_v2drop.worker.runtime import BatchView, RequestView, VisionItem
 
         self._calls += 1
         ids = [f"p{self._calls}-r{b}" for b in range(self.batch)]
@@ -240,7 +240,7 @@ def resolve_schedule(v2drop: dict, num_layers: int):
 
 
 def make_runtime(schedule, num_layers: int):
-    from vllm_v2drop.runtime import V2DropRuntime
+    from vllm_v2drop.worker.runtime import V2DropRuntime
 
     return V2DropRuntime(schedule, [f"model.layers.{i}.self_attn.attn" for i in range(num_layers)])
 
@@ -481,7 +481,7 @@ def run_identity_check(dec, cfg, n0, batch, device, dtype) -> dict:
 def selection_ops(sched, metric_state: dict, stage: int, num_kept: int):
     """The drop loop's own work at one stage, as :meth:`V2DropRuntime.forward` does it
     (``x_prev`` one layer before the stage, then its ``cut``), on ``metric_state``'s tensors."""
-    from vllm_v2drop.runtime import same_on_every_rank
+    from vllm_v2drop.worker.runtime import same_on_every_rank
     from vllm_v2drop.selection import kept_rows, segmented_topk_keep, stage_scores
 
     st = metric_state
@@ -723,7 +723,7 @@ def block_vllm() -> None:
 
 
 def load_runtime() -> list[str]:
-    """Import :mod:`vllm_v2drop.runtime` with vLLM absent; returns the workarounds that took.
+    """Import :mod:`vllm_v2drop.worker.runtime` with vLLM absent; returns the workarounds that took.
 
     ``vllm_v2drop.overrides`` derives its request error from ``vllm.exceptions.VLLMValidationError``
     and ``ValueError``; its fallback without vLLM (``Exception``) cannot be combined with
@@ -734,7 +734,7 @@ def load_runtime() -> list[str]:
     import types
 
     try:
-        import vllm_v2drop.runtime  # noqa: F401
+        import vllm_v2drop.worker.runtime  # noqa: F401
 
         return []
     except TypeError as err:
@@ -747,7 +747,7 @@ def load_runtime() -> list[str]:
     exc.VLLMValidationError = type("VLLMValidationError", (ValueError,), {})
     sys.modules["vllm"], sys.modules["vllm.exceptions"] = stub, exc
     try:
-        import vllm_v2drop.runtime  # noqa: F401, F811
+        import vllm_v2drop.worker.runtime  # noqa: F401, F811
     finally:
         for k, v in saved.items():
             if v is None and k != "vllm":

@@ -7,8 +7,8 @@ executor) three ways: stock vLLM, V2Drop ``kv_mode: shared`` and ``kv_mode: per_
 For each count N it admits N one-image requests, waits until all N are decoding, and then
 times ``--steps`` pure decode steps with wrappers around:
 
-* worker, V2Drop: ``runner.v1.read_batch`` and ``V2DropRuntime.plan_step`` (reading the step off
-  the runner, planning) and ``runner.v1.install_stage_metadata`` (per-stage attention metadata and
+* worker, V2Drop: ``seams.runner.read_batch`` and ``V2DropRuntime.plan_step`` (reading the step off
+  the runner, planning) and ``seams.runner.install_stage_metadata`` (per-stage attention metadata and
   slot mappings), together ``v2drop_worker_ms``. Of it, ``v2drop_backend_ms`` is the attention
   backend's own work that V2Drop calls per stage: vLLM's slot-mapping op and the backend's metadata
   builds (on this CPU backend, O(batch) C++ on the host; on a GPU a Triton kernel and, for
@@ -122,9 +122,9 @@ def install_timers(engine) -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     from vllm.v1.worker.utils import AttentionGroup
 
-    from vllm_v2drop.kv.manager import StagePlans
-    from vllm_v2drop.runner import v1
-    from vllm_v2drop.runtime import V2DropRuntime
+    from vllm_v2drop.engine.plans import StagePlans
+    from vllm_v2drop.seams import runner as v1
+    from vllm_v2drop.worker.runtime import V2DropRuntime
 
     timed(Scheduler, "schedule", "schedule_ms")
     timed(GPUModelRunner, "_prepare_inputs", "stock_worker_ms")
@@ -209,7 +209,7 @@ def coordinator_added_ms(engine, repeats: int = 20) -> float:
 
 
 def guard_added_ms(engine, repeats: int = 20) -> float:
-    """What V2Drop's scheduling guard (``vllm_v2drop.scheduling``: a step never ends inside a vision
+    """What V2Drop's scheduling guard (``vllm_v2drop.seams.scheduler``: a step never ends inside a vision
     item) adds to one decode step: the wrapped ``Scheduler._try_schedule_encoder_inputs`` against
     vLLM's own on the running requests, as the scheduler calls it (one token each; side-effect free
     for a request whose items are all computed), best of ``repeats``."""

@@ -67,7 +67,7 @@ def run_engine(name: str, model_dir: str, chats: int, size: str) -> dict:
     from conftest import llm_engine
     from vllm import SamplingParams
 
-    from vllm_v2drop.runtime import encoder_runs
+    from vllm_v2drop.worker.runtime import encoder_runs
 
     kw = dict(ENGINES[name])
     trace = tempfile.mkdtemp(prefix="v2drop-bench-")

@@ -456,7 +456,7 @@ def run_soak(argv: list[str] | None = None) -> dict:
     log = Path(args.log or REPO / "build" / "soak-logs" / f"soak-{args.arch}-{args.kv_mode}.log")
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    # the KV audit checks every prefix-cache reuse of a per_stage block (vllm_v2drop.kv.audit)
+    # the KV audit checks every prefix-cache reuse of a per_stage block (vllm_v2drop.worker.audit)
     with serve(model, server_args(args), log_path=log, env={"VLLM_CPU_KVCACHE_SPACE": None, "V2DROP_AUDIT_KV": "1"}) as url:
         startup = time.monotonic() - t0
         print(f"soak {args.arch} {args.kv_mode}: server up in {startup:.0f} s; {args.num_requests} requests, "

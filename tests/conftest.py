@@ -31,7 +31,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # their own small default from vllm_v2drop.tools.server.
 os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-# Every per_stage engine of the suite checks each prefix-cache reuse of its KV blocks (vllm_v2drop.kv.audit).
+# Every per_stage engine of the suite checks each prefix-cache reuse of its KV blocks (vllm_v2drop.worker.audit).
 os.environ.setdefault("V2DROP_AUDIT_KV", "1")
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ import torch
 
 from test_pipeline_split import batch  # an image request, a text-only one, a two-image one
 from vllm_v2drop.config import V2DropConfig
-from vllm_v2drop.runtime import V2DropRuntime
+from vllm_v2drop.worker.runtime import V2DropRuntime
 
 DEPTH, HIDDEN, PAD, EPS = 8, 16, 3, 1e-6
 
@@ -123,7 +123,7 @@ def test_no_layer_input_is_held_as_a_score_input():
     for layer in model.layers:
         layer.register_forward_pre_hook(lambda _m, args: seen.extend(a for a in args[1:] if a is not None))
     held: list[torch.Tensor] = []
-    import vllm_v2drop.runtime as runtime
+    import vllm_v2drop.worker.runtime as runtime
 
     original = runtime.stage_scores
 

@@ -10,7 +10,7 @@ import importlib.metadata
 
 import pytest
 
-from vllm_v2drop.integration import ARCHITECTURES
+from vllm_v2drop.core.architectures import ARCHITECTURES
 
 
 def engine_config(model_dir, **kw):

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from vllm_v2drop.config import V2DropConfig
-from vllm_v2drop.kv.audit import BlockAudit, V2DropAuditError
-from vllm_v2drop.runtime import BatchView, RequestView
+from vllm_v2drop.worker.audit import BlockAudit, V2DropAuditError
+from vllm_v2drop.worker.runtime import BatchView, RequestView
 
 BS, NUM_BLOCKS, PROMPT = 4, 16, 10
 

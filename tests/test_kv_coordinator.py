@@ -30,10 +30,11 @@ def _kv_manager(num_blocks: int):
     from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
 
-    from vllm_v2drop.kv.manager import V2DropCoordinator
-    from vllm_v2drop.kv.spec import V2DropStageSpec, ensure_registered
+    from vllm_v2drop.seams.kv_cache import V2DropCoordinator
+    from vllm_v2drop.seams.kv_cache import V2DropStageSpec
+    from vllm_v2drop.seams.kv_cache import install as register_stage_spec
 
-    ensure_registered()
+    register_stage_spec()
     groups = [
         KVCacheGroupSpec([f"layers.{i}"], V2DropStageSpec(block_size=BS, num_kv_heads=1, head_size=8,
                                                           dtype=torch.float32, stage=s, schedule="test"))

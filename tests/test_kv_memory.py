@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from conftest import ensure_model, greedy, llm_engine, make_image, prompt
 
-from vllm_v2drop.kv.layout import group_layout, padding_waste
+from vllm_v2drop.core.kv_layout import group_layout, padding_waste
 from vllm_v2drop.plan import plan_request, stage_of_layer
 
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # probes run in the worker
@@ -247,7 +247,7 @@ def test_stage_spec_groups_by_stage():
     from vllm.v1.core.kv_cache_utils import _get_kv_cache_groups_uniform_page_size, is_kv_cache_spec_uniform
     from vllm.v1.kv_cache_interface import FullAttentionSpec, UniformTypeKVCacheSpecs, replace_as
 
-    from vllm_v2drop.kv.spec import V2DropStageSpec
+    from vllm_v2drop.seams.kv_cache import V2DropStageSpec
 
     base = FullAttentionSpec(block_size=BS, num_kv_heads=2, head_size=32, dtype=torch.float32)
     stages = stage_of_layer(SCHEDULE["layers"], DEPTH)
@@ -264,7 +264,7 @@ def test_per_stage_refused_without_hybrid_manager():
     from types import SimpleNamespace
 
     from vllm_v2drop.config import V2DropConfig, V2DropConfigError
-    from vllm_v2drop.kv import check_per_stage_supported
+    from vllm_v2drop.engine.per_stage import check_per_stage_supported
 
     schedule = V2DropConfig(**SCHEDULE, kv_mode="per_stage").resolve(DEPTH, "Qwen2VLForConditionalGeneration")
     cfg = SimpleNamespace(

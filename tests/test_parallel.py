@@ -181,7 +181,7 @@ def _contrarian(worker, on: bool) -> None:
 
 
 def _logs_requests(worker) -> bool:
-    from vllm_v2drop.runtime import logs_requests
+    from vllm_v2drop.worker.runtime import logs_requests
 
     return logs_requests()
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from vllm_v2drop.config import V2DropConfig
-from vllm_v2drop.runtime import ROWS_KEY, BatchView, RequestView, V2DropRuntime, VisionItem
+from vllm_v2drop.worker.runtime import ROWS_KEY, BatchView, RequestView, V2DropRuntime, VisionItem
 
 DEPTH, HIDDEN, PAD = 8, 16, 3
 

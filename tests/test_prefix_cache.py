@@ -125,7 +125,7 @@ def engine(request, tmp_path_factory):
 
 def encoded(llm) -> int:
     """Vision items the engine's encoder has run on so far."""
-    from vllm_v2drop.runtime import encoder_runs
+    from vllm_v2drop.worker.runtime import encoder_runs
 
     return encoder_runs(llm._v2drop_trace)
 

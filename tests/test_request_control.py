@@ -16,7 +16,7 @@ from vllm_v2drop.config import V2DropConfig, V2DropConfigError
 from vllm_v2drop.frontend import FrontendStats
 from vllm_v2drop.overrides import V2DropRequestError, parse
 from vllm_v2drop.plan import keep_counts, plan_request, solve_keep_ratios
-from vllm_v2drop.runtime import RequestView, VisionItem, plan_for, request_view
+from vllm_v2drop.worker.runtime import RequestView, VisionItem, plan_for, request_view
 
 
 def schedule(**cfg):

@@ -28,8 +28,8 @@ from conftest import ensure_model, llm_engine, make_image, prompt
 from test_engine import read_trace, trace_for
 
 from vllm_v2drop.config import V2DropConfig
-from vllm_v2drop.kv import stage_layer_counts
-from vllm_v2drop.kv.layout import group_layout
+from vllm_v2drop.core.kv_layout import stage_layer_counts
+from vllm_v2drop.core.kv_layout import group_layout
 from vllm_v2drop.overrides import _solved
 from vllm_v2drop.plan import keep_counts, plan_request
 

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from vllm_v2drop import seams
+from vllm_v2drop.seams import _check
 from vllm_v2drop.seams import SEAMS, V2DropSeamError, check_seams, find_mismatches
 from vllm_v2drop.version import SUPPORTED_VLLM
 
@@ -57,7 +58,7 @@ def test_the_table_is_grouped_by_seam_and_names_each_target_once():
             assert t.how in (seams.EXACT, seams.CALLS, seams.NAMES), t
             assert t.params is None or t.params.startswith("("), t
             if t.params is not None:
-                seams._parse(t.params)  # valid parameter lists
+                _check._parse(t.params)  # valid parameter lists
 
 
 def test_the_check_is_fast():
@@ -110,7 +111,7 @@ def test_a_missing_attribute_or_module_is_a_difference(monkeypatch):
     from vllm.v1.core.sched.scheduler import Scheduler
 
     monkeypatch.delattr(Scheduler, "_try_schedule_encoder_inputs")
-    monkeypatch.setattr(seams, "SEAMS", SEAMS + (seams.Seam("test", "a renamed module", (
+    monkeypatch.setattr(seams, "all_seams", lambda: SEAMS + (seams.Seam("test", "a renamed module", (
         seams.Touch("vllm.v1.no_such_module:Thing.method", "(self)", seams.EXACT, "nowhere"),)),))
     found = {m.name: m for m in find_mismatches(["scheduler", "test"])}
     gone = found["vllm.v1.core.sched.scheduler.Scheduler._try_schedule_encoder_inputs"]
@@ -146,7 +147,7 @@ def test_a_subclass_overriding_a_wrapped_method_is_a_difference(monkeypatch):
     ("(*, block_table)", "(num, slots)", "names", False),
 ])
 def test_how_a_touch_relies_on_its_target(declared, found, how, ok):
-    assert seams._matches(seams._parse(declared), seams._parse(found), how) is ok
+    assert _check._matches(_check._parse(declared), _check._parse(found), how) is ok
 
 
 # --------------------------------------------------------------- start-up, vLLM's real config path

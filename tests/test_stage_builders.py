@@ -22,7 +22,7 @@ class _Group:
 def test_stage_builders_see_the_engine_config():
     from vllm.config import get_current_vllm_config_or_none
 
-    from vllm_v2drop.runner.v1 import _stage_groups
+    from vllm_v2drop.seams.runner import _stage_groups
 
     config = SimpleNamespace(name="the engine's config")
     runner = SimpleNamespace(attn_groups=[[_Group(["l0", "l1", "l2"])], [_Group(["l3"])]], vllm_config=config,

@@ -119,7 +119,7 @@ try:
 except Exception as e:
     error = str(e)
 print(json.dumps({"stock": stock, "error": error, "warnings": records,
-                  "patched": sorted(m for m in ("vllm_v2drop.scheduling", "vllm_v2drop.frontend") if m in sys.modules)}))
+                  "patched": sorted(m for m in ("vllm_v2drop.seams.scheduler", "vllm_v2drop.seams.frontend", "vllm_v2drop.seams.kv_cache") if m in sys.modules)}))
 """
 
 

@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 
 def register() -> None:
-    """Entry point of the ``vllm.general_plugins`` group."""
-    from vllm_v2drop.integration import install
+    """Entry point of the ``vllm.general_plugins`` group: :func:`vllm_v2drop.seams.install`."""
+    from vllm_v2drop.seams import install
 
     install()

@@ -12,7 +12,7 @@ pass ``SamplingParams(extra_args={...})``. Keys:
 The layers stay the engine's: they fix the KV-cache layout. :func:`parse` is the one
 reader of these keys. The frontend calls it (through :func:`validate`) before a request
 is scheduled, so a bad value is an HTTP 400 / offline ``ValueError``; the worker and the
-scheduler call it again inside :func:`vllm_v2drop.runtime.plan_for`, so both plan the
+scheduler call it again inside :func:`vllm_v2drop.worker.runtime.plan_for`, so both plan the
 request with the same ratios and KV blocks always match the rows written.
 
 vLLM's ``vllm_xargs`` has no boolean type: pydantic turns JSON ``true`` / ``false``

@@ -28,7 +28,10 @@ from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
 from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration
 from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
 
-from vllm_v2drop.runtime import V2DropRuntime
+from vllm_v2drop.core.schedule import resolve_schedule
+from vllm_v2drop.seams import runner
+from vllm_v2drop.seams._patch import patch
+from vllm_v2drop.worker.runtime import ROWS_KEY, V2DropRuntime
 
 
 class V2DropMixin:
@@ -48,30 +51,22 @@ class V2DropMixin:
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        from vllm_v2drop.integration import resolve_schedule
-        from vllm_v2drop.runner import v1
-
         lm = self.v2drop_decoder()
-        names = [layer.self_attn.attn.layer_name for layer in lm.layers[lm.start_layer : lm.end_layer]]
+        layers = lm.layers[lm.start_layer : lm.end_layer]
+        names = [layer.self_attn.attn.layer_name for layer in layers]
         self.v2drop_runtime = V2DropRuntime(resolve_schedule(vllm_config), names, first_layer=lm.start_layer)
-        if self.v2drop_runtime.schedule.kv_mode == "per_stage" and self.v2drop_runtime.schedule.layers:
-            from vllm_v2drop.kv import install_stage_specs  # one KV-cache group per stage
-
-            attns = [layer.self_attn.attn for layer in lm.layers[lm.start_layer : lm.end_layer]]
-            install_stage_specs(attns, self.v2drop_runtime.stage_of_layer, self.v2drop_runtime.schedule)
-        v1.install()
+        runner.install_worker(self.v2drop_runtime, [layer.self_attn.attn for layer in layers])
         if vllm_config.parallel_config.pipeline_parallel_size > 1:
             # a later pipeline rank also receives which step rows the previous rank kept
-            from vllm_v2drop.runtime import ROWS_KEY
+            def with_rows(make_empty):
+                def make_empty_intermediate_tensors(batch_size, dtype, device):
+                    tensors = make_empty(batch_size, dtype, device)
+                    tensors[ROWS_KEY] = torch.zeros(batch_size, dtype=torch.int64, device=device)
+                    return tensors
 
-            make_empty = self.make_empty_intermediate_tensors
+                return make_empty_intermediate_tensors
 
-            def make_empty_intermediate_tensors(batch_size, dtype, device):
-                tensors = make_empty(batch_size, dtype, device)
-                tensors[ROWS_KEY] = torch.zeros(batch_size, dtype=torch.int64, device=device)
-                return tensors
-
-            self.make_empty_intermediate_tensors = make_empty_intermediate_tensors
+            patch(self, "make_empty_intermediate_tensors", with_rows)
 
     def embed_multimodal(self, **kwargs):
         out = super().embed_multimodal(**kwargs)

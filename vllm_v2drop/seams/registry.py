@@ -8,54 +8,70 @@ from __future__ import annotations
 
 import logging
 
-from vllm_v2drop.seams import check_seams
+from vllm_v2drop.core.architectures import ARCHITECTURES, MODEL_IMPL, V2DROP_ARCHITECTURES
+from vllm_v2drop.core.schedule import resolve_schedule
+from vllm_v2drop.engine.per_stage import check_per_stage_supported, describe_layout
+from vllm_v2drop.seams._check import CALLS, EXACT, NAMES, Seam, Touch
+from vllm_v2drop.seams._patch import is_patched, patch
 from vllm_v2drop.version import check_vllm_version
 
 logger = logging.getLogger("vllm.v2drop")
 
-#: vLLM architecture -> (V2Drop architecture, module:class of its implementation)
-ARCHITECTURES: dict[str, str] = {
-    "LlavaForConditionalGeneration": "V2DropLlavaForConditionalGeneration",
-    "LlavaOnevisionForConditionalGeneration": "V2DropLlavaOnevisionForConditionalGeneration",
-    "Qwen2VLForConditionalGeneration": "V2DropQwen2VLForConditionalGeneration",
-    "Qwen2_5_VLForConditionalGeneration": "V2DropQwen2_5_VLForConditionalGeneration",
-    "Qwen3VLForConditionalGeneration": "V2DropQwen3VLForConditionalGeneration",
-    "Qwen3VLMoeForConditionalGeneration": "V2DropQwen3VLMoeForConditionalGeneration",
-    "LlavaNextForConditionalGeneration": "V2DropLlavaNextForConditionalGeneration",
-}
-V2DROP_ARCHITECTURES = frozenset(ARCHITECTURES.values())
-MODEL_IMPL = "v2drop"
+_REG = "vllm.model_executor.models.registry"
+_MCFG = "vllm.model_executor.models.config"
 
-_installed = False
+SEAM = Seam("model registry and config hook", "every process: the V2Drop architectures, --model-impl v2drop, the config hook", (
+    Touch("vllm.model_executor.models:ModelRegistry", None, NAMES, "seams.registry._register"),
+    Touch(f"{_REG}:_ModelRegistry.register_model", "(self, model_arch, model_cls)", CALLS, "seams.registry._register"),
+    Touch(f"{_REG}:_ModelRegistry.inspect_model_cls", "(self, architectures, model_config)", EXACT,
+          "seams.registry._map_model_impl"),
+    Touch(f"{_REG}:_ModelRegistry.resolve_model_cls", "(self, architectures, model_config)", EXACT,
+          "seams.registry._map_model_impl"),
+    Touch(f"{_MCFG}:MODELS_CONFIG_MAP", None, NAMES, "seams.registry._register"),
+    Touch(f"{_MCFG}:VerifyAndUpdateConfig.verify_and_update_model_config", "(model_config)", EXACT,
+          "seams.registry.V2DropConfigHook"),
+    Touch(f"{_MCFG}:VerifyAndUpdateConfig.verify_and_update_config", "(vllm_config)", EXACT,
+          "seams.registry.V2DropConfigHook"),
+    Touch("vllm.config:CompilationMode.STOCK_TORCH_COMPILE", None, NAMES, "seams.registry._defeats_stage_metadata"),
+    Touch("vllm.config:CUDAGraphMode.PIECEWISE", None, NAMES, "seams.registry._force_runner_and_graphs"),
+    Touch("vllm.config:CUDAGraphMode.has_full_cudagraphs", "(self)", CALLS, "seams.registry._force_runner_and_graphs"),
+    Touch("vllm.platforms.interface:Platform.is_cuda_alike", "(self)", CALLS, "seams.registry._force_runner_and_graphs"),
+    Touch("vllm.platforms.interface:Platform.support_hybrid_kv_cache", "()", CALLS,
+          "seams.registry.V2DropConfigHook"),
+))
 
 
-def install() -> None:
-    """Register the V2Drop models, the ``--model-impl v2drop`` mapping and the config hook."""
-    global _installed
-    if _installed:
-        return
-    _installed = True
+def _no_check() -> None:
+    pass
 
-    from vllm_v2drop.version import V2DropVersionGuard, warn_if_unsupported
 
-    if not warn_if_unsupported():
-        # Another vLLM: only what makes a V2Drop request stop with the version message; vLLM's
-        # internals stay untouched and nothing here may break a stock engine.
-        try:
-            _register(V2DropVersionGuard)
-        except Exception as err:  # noqa: BLE001
-            logger.warning("V2Drop could not register with this vLLM (%s); it stays inactive.", err)
-        return
+#: The seam check run wherever V2Drop is asked for (``install`` sets it: every seam's declaration).
+_check_seams = _no_check
 
+
+def install(check_seams) -> bool:
+    """Register the V2Drop models, the ``--model-impl v2drop`` mapping and the config hook
+    (every process); ``check_seams`` runs after the version check wherever V2Drop is asked for.
+    False if this process has them already."""
+    global _check_seams
+    from vllm.model_executor.models import ModelRegistry
+
+    if is_patched(ModelRegistry, "inspect_model_cls"):
+        return False
+    _check_seams = check_seams
     _register(V2DropConfigHook)
+    return True
 
-    from vllm_v2drop import scheduling
 
-    scheduling.install()  # whole vision items per step (a no-op for other models)
+def install_version_guard() -> None:
+    """Another vLLM: only what makes a V2Drop request stop with the version message; vLLM's
+    internals stay untouched and nothing here may break a stock engine."""
+    from vllm_v2drop.version import V2DropVersionGuard
 
-    from vllm_v2drop import frontend
-
-    frontend.install()  # per-request settings checked at admission; metrics (a no-op for other models)
+    try:
+        _register(V2DropVersionGuard)
+    except Exception as err:  # noqa: BLE001
+        logger.warning("V2Drop could not register with this vLLM (%s); it stays inactive.", err)
 
 
 def _register(config_hook) -> None:
@@ -86,14 +102,13 @@ def _map_model_impl(registry) -> None:
     unchanged; an unsupported top-level architecture fails in ``inspect`` (which
     vLLM calls only for the top-level model config).
     """
-    inspect, resolve = registry.inspect_model_cls, registry.resolve_model_cls
 
     def mapped(architectures, model_config, strict: bool):
         archs = [architectures] if isinstance(architectures, str) else list(architectures)
         wants_v2drop = getattr(model_config, "model_impl", None) == MODEL_IMPL
         if wants_v2drop or any(a in V2DROP_ARCHITECTURES for a in archs):
             check_vllm_version()  # another vLLM: stop here, with the installed and supported versions
-            check_seams()  # a build that differs where V2Drop hooks in: stop here, naming each difference
+            _check_seams()  # a build that differs where V2Drop hooks in: stop here, naming each difference
         if not wants_v2drop:
             return architectures
         out = [ARCHITECTURES.get(a, a) for a in archs]
@@ -101,14 +116,18 @@ def _map_model_impl(registry) -> None:
             raise ValueError(_supported_message(archs))
         return out
 
-    def inspect_model_cls(architectures, model_config):
-        return inspect(mapped(architectures, model_config, strict=True), model_config)
+    def wrap(strict: bool):
+        def wrapper(original):
+            def mapped_call(architectures, model_config):
+                return original(mapped(architectures, model_config, strict=strict), model_config)
 
-    def resolve_model_cls(architectures, model_config):
-        return resolve(mapped(architectures, model_config, strict=False), model_config)
+            return mapped_call
 
-    registry.inspect_model_cls = inspect_model_cls
-    registry.resolve_model_cls = resolve_model_cls
+        return wrapper
+
+    # the registry instance's own methods: a bound method's signature is vLLM's without ``self``
+    patch(registry, "inspect_model_cls", wrap(strict=True))
+    patch(registry, "resolve_model_cls", wrap(strict=False))
 
 
 class V2DropConfigHook:
@@ -122,12 +141,12 @@ class V2DropConfigHook:
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
         check_vllm_version()
-        check_seams()
+        _check_seams()
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
         check_vllm_version()
-        check_seams()
+        _check_seams()
         refused = []
         if vllm_config.speculative_config is not None:
             refused.append("speculative decoding (--speculative-config)")
@@ -157,9 +176,7 @@ class V2DropConfigHook:
             scheduler_config.disable_chunked_mm_input = True
             forced.append("multimodal items never split across prefill chunks (disable_chunked_mm_input)")
         if schedule.kv_mode == "per_stage" and schedule.layers:
-            from vllm_v2drop.kv import check_per_stage_supported, describe_layout
-
-            forced += check_per_stage_supported(vllm_config, schedule)  # raises where it cannot work
+            forced += check_per_stage_supported(vllm_config, schedule, _hybrid_kv_cache_problem())  # raises where it cannot work
             logger.info("%s", describe_layout(schedule))
         forced += _force_runner_and_graphs(vllm_config)
         logger.info("%s", schedule.description)
@@ -205,19 +222,16 @@ def _defeats_stage_metadata(vllm_config) -> list[str]:
     return refused
 
 
-def base_architecture(architecture: str) -> str:
-    """``V2DropQwen2VLForConditionalGeneration`` -> ``Qwen2VLForConditionalGeneration``."""
-    return architecture.removeprefix("V2Drop")
+def _hybrid_kv_cache_problem() -> str | None:
+    """Why this platform cannot give stages their own KV-cache groups, or None."""
+    try:
+        from vllm.platforms import current_platform
 
-
-def resolve_schedule(vllm_config):
-    """The V2Drop schedule for this engine, from ``--additional-config`` and the model's depth."""
-    from vllm_v2drop.config import V2DropConfig
-
-    config = V2DropConfig.from_additional_config(vllm_config.additional_config)
-    model_config = vllm_config.model_config
-    num_layers = model_config.hf_text_config.num_hidden_layers
-    return config.resolve(num_layers, base_architecture(model_config.architecture))
+        if not current_platform.support_hybrid_kv_cache():
+            return f"platform {current_platform.device_name!r} has no hybrid KV cache manager"
+    except Exception:  # noqa: BLE001  (platform detection failing is vLLM's own error to report)
+        pass
+    return None
 
 
 def _force_runner_and_graphs(vllm_config) -> list[str]:

@@ -5,12 +5,12 @@ kept rows compactly into blocks sized for the full request, which saves compute
 but no memory. ``kv_mode: per_stage`` gives every stage its own KV-cache group(s)
 and block tables, and allocates per stage only the blocks of the rows present:
 
-* worker: :func:`install_stage_specs` makes each decoder attention layer report
-  a :class:`~vllm_v2drop.kv.spec.V2DropStageSpec` (full attention + its stage), so
-  vLLM's grouping splits the stages into separate groups; the V1 runner adapter
-  (``runner/v1.py``) already gives every stage-``s`` layer metadata built from
+* worker: :func:`vllm_v2drop.seams.kv_cache.install_stage_specs` makes each decoder attention
+  layer report a :class:`~vllm_v2drop.seams.kv_cache.V2DropStageSpec` (full attention + its
+  stage), so vLLM's grouping splits the stages into separate groups; the runner seam
+  (:mod:`vllm_v2drop.seams.runner`) gives every stage-``s`` layer metadata built from
   its own group's block table with compact KV positions;
-* engine core / scheduler: :class:`~vllm_v2drop.kv.manager.V2DropStageManager`
+* engine core / scheduler: :class:`~vllm_v2drop.seams.kv_cache.V2DropStageManager`
   sizes each request's block list per group in compact rows, with the plan
   built from the scheduler's ``Request`` by the worker's own planning code.
 
@@ -21,11 +21,8 @@ preemption) sees the smaller block counts directly, so more requests fit.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 
-import numpy as np
-
-from vllm_v2drop.kv.layout import group_layout, padding_waste
+from vllm_v2drop.core.kv_layout import group_layout, padding_waste, stage_layer_counts
 
 logger = logging.getLogger("vllm.v2drop")
 
@@ -33,18 +30,9 @@ __all__ = [
     "check_per_stage_supported",
     "describe_layout",
     "group_layout",
-    "install_stage_specs",
     "padding_waste",
     "stage_layer_counts",
 ]
-
-
-def stage_layer_counts(schedule) -> list[int]:
-    """Decoder layers per stage ``0 .. S``."""
-    from vllm_v2drop.plan import stage_of_layer
-
-    stages = stage_of_layer(schedule.layers, schedule.num_layers)
-    return np.bincount(stages, minlength=len(schedule.layers) + 1).astype(int).tolist()
 
 
 def describe_layout(schedule, reference_rows: int | None = None) -> str:
@@ -67,9 +55,10 @@ def describe_layout(schedule, reference_rows: int | None = None) -> str:
     return text
 
 
-def check_per_stage_supported(vllm_config, schedule) -> list[str]:
+def check_per_stage_supported(vllm_config, schedule, platform_problem: str | None = None) -> list[str]:
     """Raise :class:`V2DropConfigError` where this engine cannot give stages their own KV groups.
 
+    ``platform_problem``: why the platform has no hybrid KV cache manager (None: it has one).
     Returns what it forces (for the hook's "V2Drop forces" log line).
     """
     from vllm_v2drop.config import V2DropConfigError
@@ -80,13 +69,8 @@ def check_per_stage_supported(vllm_config, schedule) -> list[str]:
         problems.append(
             "--disable-hybrid-kv-cache-manager is set: per-stage KV groups are vLLM's hybrid KV cache manager"
         )
-    try:
-        from vllm.platforms import current_platform
-
-        if not current_platform.support_hybrid_kv_cache():
-            problems.append(f"platform {current_platform.device_name!r} has no hybrid KV cache manager")
-    except Exception:  # noqa: BLE001  (platform detection failing is vLLM's own error to report)
-        pass
+    if platform_problem is not None:
+        problems.append(platform_problem)
     model_config = vllm_config.model_config
     if getattr(model_config, "attention_chunk_size", None) is not None:
         problems.append("the model uses chunked local attention (vLLM turns the hybrid KV cache manager off)")
@@ -110,39 +94,3 @@ def check_per_stage_supported(vllm_config, schedule) -> list[str]:
         scheduler_config.disable_hybrid_kv_cache_manager = False
         forced.append("hybrid KV cache manager on (one KV cache group per stage)")
     return forced
-
-
-def install_stage_specs(attention_layers: Sequence, stage_of_layer: Sequence[int], schedule) -> None:
-    """Make every decoder attention layer report the :class:`V2DropStageSpec` of its stage.
-
-    ``attention_layers[i]`` is vLLM's ``Attention`` module of decoder layer ``i``;
-    ``stage_of_layer[i]`` its stage. Only plain full attention can be split by
-    stage; anything else (sliding window, chunked local, MLA) fails here, at
-    start-up, with the reason.
-    """
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec, replace_as
-
-    from vllm_v2drop.config import V2DropConfigError
-    from vllm_v2drop.kv.spec import V2DropStageSpec, ensure_registered
-
-    ensure_registered()
-    for attn, stage in zip(attention_layers, stage_of_layer):
-        original = attn.get_kv_cache_spec
-
-        def get_kv_cache_spec(vllm_config, _original=original, _stage=int(stage), _name=attn.layer_name):
-            spec = _original(vllm_config)
-            if spec is None:
-                return None
-            if (
-                not isinstance(spec, FullAttentionSpec)
-                or isinstance(spec, MLAAttentionSpec)
-                or spec.sliding_window is not None
-                or spec.attention_chunk_size is not None
-            ):
-                raise V2DropConfigError(
-                    f"kv_mode: per_stage needs plain full attention, but layer {_name} has "
-                    f"{type(spec).__name__}; use kv_mode: shared"
-                )
-            return replace_as(spec, V2DropStageSpec, stage=_stage, schedule=schedule)
-
-        attn.get_kv_cache_spec = get_kv_cache_spec

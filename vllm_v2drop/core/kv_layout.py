@@ -1,12 +1,23 @@
 """How vLLM 0.32 splits V2Drop's stages into KV-cache groups, and what padding that costs.
 
-Pure Python (no vLLM import): used by the config hook's start-up log line and by
-tests. See :mod:`vllm_v2drop.kv.spec` for why the groups look like this.
+Pure Python (no vLLM import): used by the config hook's start-up log line, the frontend's
+metrics and tests. See :mod:`vllm_v2drop.seams.kv_cache` (the KV spec) for why the groups look
+like this.
 """
 
 from __future__ import annotations
 
-__all__ = ["group_layout", "padding_waste"]
+import numpy as np
+
+__all__ = ["group_layout", "padding_waste", "stage_layer_counts"]
+
+
+def stage_layer_counts(schedule) -> list[int]:
+    """Decoder layers per stage ``0 .. S``."""
+    from vllm_v2drop.plan import stage_of_layer
+
+    stages = stage_of_layer(schedule.layers, schedule.num_layers)
+    return np.bincount(stages, minlength=len(schedule.layers) + 1).astype(int).tolist()
 
 
 def group_layout(stage_layer_counts: list[int]) -> list[tuple[int, int]]:

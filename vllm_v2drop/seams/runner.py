@@ -1,7 +1,7 @@
-"""Adapter for vLLM's V1 model runner (``GPUModelRunner`` and its ``CPUModelRunner`` subclass).
+"""The model-runner seam (worker): vLLM's V1 model runner (``GPUModelRunner`` and its ``CPUModelRunner`` subclass).
 
 vLLM 0.32 uses it on CPU (no Triton) and on GPUs with ``VLLM_USE_V2_MODEL_RUNNER=0``.
-``install()`` wraps ``GPUModelRunner._model_forward`` once; the wrapper does
+``install()`` wraps ``GPUModelRunner._model_forward``; the wrapper does
 nothing unless the loaded model carries a ``v2drop_runtime`` (a V2Drop model).
 Inside the forward context it reads the step off the runner, asks the runtime
 for the step's plan, and gives every layer of stage ``s`` its own attention
@@ -17,20 +17,79 @@ import functools
 import numpy as np
 import torch
 
-from vllm_v2drop.kv.audit import BlockAudit
-from vllm_v2drop.kv.audit import enabled as audit_enabled
-from vllm_v2drop.runtime import BatchView, V2DropRuntime, request_view
+from vllm_v2drop.core.requests import BatchView, request_view
 from vllm_v2drop.plan import StepPlan
+from vllm_v2drop.seams._check import CALLS, EXACT, NAMES, Seam, Touch
+from vllm_v2drop.seams._patch import patch
+from vllm_v2drop.worker.audit import BlockAudit
+from vllm_v2drop.worker.audit import enabled as audit_enabled
+from vllm_v2drop.worker.runtime import V2DropRuntime
+
+_BT = "vllm.v1.worker.block_table"
+_AG = "vllm.v1.worker.utils"
+_BY = "seams.runner."
+
+SEAM = Seam("model runner", "worker: each stage's attention metadata and slot mapping, read off vLLM's V1 runner", (
+    Touch("vllm.v1.worker.gpu_model_runner:GPUModelRunner._model_forward", "(self)", NAMES, _BY + "install"),
+    Touch("vllm.v1.worker.gpu_model_runner:GPUModelRunner.get_model", "(self)", CALLS, _BY + "install"),
+    Touch(f"{_AG}:AttentionGroup.build_metadata",
+          "(self, common_attn_metadata, ubatch_idx=0, common_prefix_len=0, **kwargs)",
+          EXACT, _BY + "_reuse_stage_builds"),
+    Touch(f"{_AG}:AttentionGroup.get_metadata_builder", "(self)", CALLS, _BY + "_retarget"),
+    Touch(f"{_AG}:AttentionGroup.create_metadata_builders", "(self, vllm_config, device, kernel_block_size)",
+          CALLS, _BY + "_stage_groups"),
+    Touch(f"{_AG}:AttentionGroup.map_to_kernel_block_table", "(self, block_table)", CALLS, _BY + "_retarget"),
+    Touch(f"{_BT}:MultiGroupBlockTable.compute_slot_mapping", "(self, num_reqs, query_start_loc, positions)",
+          EXACT, _BY + "_defer_stage_slots"),
+    Touch(f"{_BT}:BlockTable.compute_slot_mapping", "(self, num_reqs, query_start_loc, positions)", CALLS,
+          _BY + "_defer_stage_slots"),
+    Touch(f"{_BT}:BlockTable.get_device_tensor", "(self, num_reqs)", CALLS, _BY + "install_stage_metadata"),
+    Touch(f"{_BT}:_COMPUTE_SLOT_MAPPING_KERNEL",
+          "(num_reqs, num_tokens, max_num_tokens, query_start_loc, positions, block_table, block_table_stride, "
+          "slot_mapping, kv_cache_block_size, total_cp_world_size, total_cp_rank, cp_kv_cache_interleave_size)",
+          EXACT, _BY + "_slot_mapping"),
+    Touch("torch.ops._C.compute_slot_mapping_kernel_impl",
+          "(query_start_loc, positions, block_table, slot_mapping, block_size)",
+          EXACT, _BY + "_slot_mapping", platform="cpu"),
+    Touch("vllm.v1.attention.backend:CommonAttentionMetadata",
+          "(*, query_start_loc, query_start_loc_cpu, seq_lens, seq_lens_cpu_upper_bound, num_reqs, "
+          "num_actual_tokens, max_query_len, max_seq_len, block_table_tensor, slot_mapping, causal, is_prefilling)",
+          CALLS, _BY + "install_stage_metadata"),
+    Touch("vllm.v1.attention.backend:AttentionMetadataBuilder.update_block_table",
+          "(self, metadata, blk_table, slot_mapping)", CALLS, _BY + "_retarget"),
+    # compared by class name; its metadata copied with block_table and slot_mapping replaced
+    Touch("vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadataBuilder", None, NAMES, _BY + "_retarget",
+          platform="cpu"),
+    Touch("vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadata", "(*, block_table, slot_mapping)", NAMES,
+          _BY + "_retarget", platform="cpu"),
+    Touch("vllm.forward_context:get_forward_context", "()", CALLS, _BY + "install_stage_metadata"),
+    Touch("vllm.config:set_current_vllm_config", "(vllm_config)", CALLS, _BY + "_stage_groups"),
+    Touch("vllm.distributed:get_tp_group", "()", CALLS, "worker.runtime.same_on_every_rank"),
+    Touch("vllm.distributed:get_pp_group", "()", CALLS, "worker.runtime.logs_requests"),
+    Touch("vllm.distributed:get_tensor_model_parallel_rank", "()", CALLS, "worker.runtime.logs_requests"),
+    Touch("vllm.sequence:IntermediateTensors", "(tensors)", CALLS, "worker.runtime.V2DropRuntime._to_next_rank"),
+), where="vllm.v1.worker.gpu_model_runner")
 
 
 def install() -> None:
+    """Wrap the V1 runner's forward (worker; idempotent, see ``_patch``)."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    original = GPUModelRunner._model_forward
-    if getattr(original, "__v2drop__", False):
-        return
+    patch(GPUModelRunner, "_model_forward", _staged_forward)
 
-    @functools.wraps(original)
+
+def install_worker(runtime: V2DropRuntime, attention_layers) -> None:
+    """A V2Drop model's worker part (its ``__init__`` calls it): the runner's forward, and in
+    ``kv_mode: per_stage`` the stage KV spec of every decoder attention layer."""
+    schedule = runtime.schedule
+    if schedule.kv_mode == "per_stage" and schedule.layers:
+        from vllm_v2drop.seams.kv_cache import install_stage_specs  # one KV-cache group per stage
+
+        install_stage_specs(attention_layers, runtime.stage_of_layer, schedule)
+    install()
+
+
+def _staged_forward(original):
     def _model_forward(self, *args, **kwargs):
         runtime: V2DropRuntime | None = getattr(self.get_model(), "v2drop_runtime", None)
         if runtime is None:
@@ -60,8 +119,7 @@ def install() -> None:
             audit.after_step(self, runtime.schedule, batch)
         return out
 
-    _model_forward.__v2drop__ = True
-    GPUModelRunner._model_forward = _model_forward
+    return _model_forward
 
 
 def _builder_key(builder) -> tuple:
@@ -94,11 +152,10 @@ def _reuse_stage_builds(runner, runtime: V2DropRuntime) -> None:
     stage_only = _stage_only(runtime)
     for attn_groups in runner.attn_groups:
         for group in attn_groups:
-            if "build_metadata" in group.__dict__:
-                continue
             own = stage_only(group.layer_names)
             key = _builder_key(group.get_metadata_builder())  # once: a group keeps its builder
-            group.build_metadata = functools.partial(_build_or_reuse, group, group.build_metadata, own, key, last)
+            patch(group, "build_metadata",
+                  lambda build, group=group, own=own, key=key: functools.partial(_build_or_reuse, group, build, own, key, last))
 
 
 def _defer_stage_slots(runner, runtime: V2DropRuntime, tables) -> None:
@@ -123,12 +180,15 @@ def _defer_stage_slots(runner, runtime: V2DropRuntime, tables) -> None:
     deferred = [t for t, o in zip(tables.block_tables, own) if o]
     computed = [t for t, o in zip(tables.block_tables, own) if not o]
 
-    def compute_slot_mapping(num_reqs: int, query_start_loc: torch.Tensor, positions: torch.Tensor) -> None:
-        for table in computed:
-            table.compute_slot_mapping(num_reqs, query_start_loc, positions)
-        tables._v2drop_pending = (deferred, (num_reqs, query_start_loc, positions))
+    def deferring(original):
+        def compute_slot_mapping(num_reqs: int, query_start_loc: torch.Tensor, positions: torch.Tensor) -> None:
+            for table in computed:
+                table.compute_slot_mapping(num_reqs, query_start_loc, positions)
+            tables._v2drop_pending = (deferred, (num_reqs, query_start_loc, positions))
 
-    tables.compute_slot_mapping = compute_slot_mapping
+        return compute_slot_mapping
+
+    patch(tables, "compute_slot_mapping", deferring)
 
 
 def _build_or_reuse(group, build, own: bool, key: tuple, last: dict, common, ubid: int = 0, **kwargs):

@@ -1,4 +1,5 @@
-"""The frontend side of V2Drop: per-request settings checked at admission, and live metrics.
+"""The frontend side of V2Drop: live metrics of what V2Drop did (and, through the frontend seam,
+per-request settings checked at admission).
 
 Runs in the process that holds vLLM's ``InputProcessor`` and ``OutputProcessor``: the
 OpenAI API server (``AsyncLLM``) or the offline ``LLM`` (``LLMEngine``). Nothing here runs
@@ -7,7 +8,7 @@ in the engine core or the workers.
 Admission. ``InputProcessor.process_inputs`` is where vLLM checks a request's params
 before it becomes an ``EngineCoreRequest`` (its own ``SamplingParams.verify`` and custom
 logits processors' ``validate_params`` run there). For a V2Drop engine the wrapper first
-reads the request's ``v2drop_*`` keys with :func:`vllm_v2drop.overrides.validate`; a bad
+(:mod:`vllm_v2drop.seams.frontend`) reads the request's ``v2drop_*`` keys with :func:`vllm_v2drop.overrides.validate`; a bad
 value raises :class:`~vllm_v2drop.overrides.V2DropRequestError`, a ``ValueError`` and a
 ``VLLMValidationError``: the OpenAI server answers HTTP 400 with its message, offline
 ``LLM.generate`` raises it, and the engine core never sees the request.
@@ -17,7 +18,7 @@ core only sends back fixed, typed per-step stats (``SchedulerStats``, a msgspec-
 dataclass with no field for a plugin's numbers). But everything V2Drop's counts depend on
 is already in the frontend: each ``EngineCoreRequest`` carries the prompt length, the
 multimodal placeholders (``mm_features``) and the sampling params, the exact inputs from
-which the worker and the scheduler build a request's plan (:func:`vllm_v2drop.runtime.plan_for`,
+which the worker and the scheduler build a request's plan (:func:`vllm_v2drop.core.requests.plan_for`,
 the single place a request becomes a plan). So the frontend builds the same plan when
 ``OutputProcessor.add_request`` registers a request, and adds it to the counters when the
 engine core returns the request's first token (its prefill, hence every drop, is done).
@@ -30,13 +31,15 @@ the summed counters stay exact.
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass, field
 
+from vllm_v2drop.core.requests import plan_for, request_override, request_view
+from vllm_v2drop.core.kv_layout import group_layout, stage_layer_counts
+
 logger = logging.getLogger("vllm.v2drop")
 
-__all__ = ["METRICS", "FrontendStats", "install"]
+__all__ = ["METRICS", "FrontendStats", "stats_of"]
 
 #: Prometheus metric names (counters get vLLM's ``_total`` suffix on ``/metrics``) -> what they count.
 METRICS: dict[str, str] = {
@@ -55,26 +58,6 @@ METRICS: dict[str, str] = {
 }
 RETENTION_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
-_installed = False
-
-
-# ------------------------------------------------------------------------------------- state
-def schedule_of(input_processor):
-    """The V2Drop schedule of the engine an ``InputProcessor`` serves (None: not a V2Drop model)."""
-    cached = input_processor.__dict__.get("_v2drop_schedule", False)
-    if cached is not False:
-        return cached
-    schedule = None
-    try:
-        from vllm_v2drop.integration import V2DROP_ARCHITECTURES, resolve_schedule
-
-        config = input_processor.vllm_config
-        if getattr(config.model_config, "architecture", None) in V2DROP_ARCHITECTURES:
-            schedule = resolve_schedule(config)
-    except Exception:  # noqa: BLE001 (start-up already validated the config; never fail a request here)
-        logger.exception("V2Drop: could not resolve the schedule in the frontend")
-    input_processor.__dict__["_v2drop_schedule"] = schedule
-    return schedule
 
 
 @dataclass
@@ -105,9 +88,6 @@ class FrontendStats:
         self.per_stage = s.kv_mode == "per_stage" and bool(s.layers) and self.block_size is not None
         self.groups: list[int] = []  # stage of every KV-cache group (per_stage)
         if self.per_stage:
-            from vllm_v2drop.kv import stage_layer_counts
-            from vllm_v2drop.kv.layout import group_layout
-
             self.groups = [stage for stage, _ in group_layout(stage_layer_counts(s))]
         self.totals = {
             "requests_pruned": 0,
@@ -125,11 +105,8 @@ class FrontendStats:
         """``OutputProcessor.add_request``: plan the request as the worker and scheduler will."""
         if request.request_id in self.live or not request.mm_features or request.sampling_params is None:
             return
-        from vllm.utils import length_from_prompt_token_ids_or_embeds
-
-        from vllm_v2drop.runtime import plan_for, request_override, request_view
-
-        n = length_from_prompt_token_ids_or_embeds(request.prompt_token_ids, request.prompt_embeds)
+        ids = request.prompt_token_ids  # vLLM checked at admission that one of them is given
+        n = len(ids) if ids is not None else len(request.prompt_embeds)
         view = request_view(request.request_id, n, request.mm_features, request.sampling_params)
         plan = plan_for(self.schedule, view)
         if not plan.num_items:
@@ -257,95 +234,6 @@ def _prometheus_metrics(stats: FrontendStats) -> dict:
     return out
 
 
-# ------------------------------------------------------------------------------------ hooks
 def stats_of(engine) -> FrontendStats | None:
     """The :class:`FrontendStats` of an ``AsyncLLM`` / ``LLMEngine`` (``llm.llm_engine``), or None."""
     return getattr(getattr(engine, "output_processor", None), "_v2drop_stats", None)
-
-
-def _attach(engine, prometheus: bool) -> None:
-    schedule = schedule_of(engine.input_processor)
-    if schedule is None or not schedule.layers:
-        return
-    config = engine.vllm_config
-    name = config.model_config.served_model_name
-    stats = FrontendStats(
-        schedule,
-        block_size=getattr(config.cache_config, "block_size", None),
-        model_name=name if isinstance(name, str) else str(name),
-        prometheus=prometheus,
-    )
-    engine.output_processor._v2drop_stats = stats
-
-
-def install() -> None:
-    """Wrap vLLM's frontend classes (idempotent; a no-op for engines that are not V2Drop)."""
-    global _installed
-    if _installed:
-        return
-    _installed = True
-    from vllm.v1.engine.async_llm import AsyncLLM
-    from vllm.v1.engine.input_processor import InputProcessor
-    from vllm.v1.engine.llm_engine import LLMEngine
-    from vllm.v1.engine.output_processor import OutputProcessor
-
-    process_inputs = InputProcessor.process_inputs
-
-    @functools.wraps(process_inputs)
-    def _process_inputs(self, request_id, prompt, params, *args, **kwargs):
-        schedule = schedule_of(self)
-        if schedule is not None and getattr(params, "extra_args", None):
-            from vllm_v2drop.overrides import validate
-
-            validate(params, schedule)
-        return process_inputs(self, request_id, prompt, params, *args, **kwargs)
-
-    InputProcessor.process_inputs = _process_inputs
-
-    for cls, prometheus in ((AsyncLLM, True), (LLMEngine, False)):
-        init = cls.__init__
-
-        def _init(self, *args, _init=init, _prometheus=prometheus, **kwargs):
-            _init(self, *args, **kwargs)
-            try:
-                _attach(self, _prometheus)
-            except Exception:  # noqa: BLE001 (metrics must never stop the server)
-                logger.exception("V2Drop: metrics are off")
-
-        cls.__init__ = functools.wraps(init)(_init)
-
-    add_request, process_outputs, abort_requests = (
-        OutputProcessor.add_request, OutputProcessor.process_outputs, OutputProcessor.abort_requests)
-
-    @functools.wraps(add_request)
-    def _add_request(self, request, *args, **kwargs):
-        out = add_request(self, request, *args, **kwargs)
-        stats = self.__dict__.get("_v2drop_stats")
-        if stats is not None:
-            try:
-                stats.on_add(request)
-            except Exception:  # noqa: BLE001
-                logger.exception("V2Drop: could not count request %s", request.request_id)
-        return out
-
-    @functools.wraps(process_outputs)
-    def _process_outputs(self, engine_core_outputs, *args, **kwargs):
-        stats = self.__dict__.get("_v2drop_stats")
-        if stats is not None and stats.live:
-            try:
-                stats.on_outputs(engine_core_outputs)
-            except Exception:  # noqa: BLE001
-                logger.exception("V2Drop: metrics update failed")
-        return process_outputs(self, engine_core_outputs, *args, **kwargs)
-
-    @functools.wraps(abort_requests)
-    def _abort_requests(self, *args, **kwargs):
-        aborted = abort_requests(self, *args, **kwargs)
-        stats = self.__dict__.get("_v2drop_stats")
-        if stats is not None and stats.live:
-            stats.on_abort(aborted)
-        return aborted
-
-    OutputProcessor.add_request = _add_request
-    OutputProcessor.process_outputs = _process_outputs
-    OutputProcessor.abort_requests = _abort_requests

@@ -12,7 +12,7 @@ blocks of a request.
 
 Managers only see request ids. The request's plan is built once from the
 scheduler's ``Request`` when :meth:`KVCacheManager.get_computed_blocks` first sees it
-(the hook below), with the same code the worker uses (:func:`vllm_v2drop.runtime.plan_for`),
+(the hook below), with the same code the worker uses (:func:`vllm_v2drop.worker.runtime.plan_for`),
 and dropped when the request finishes (kept across preemption: a resumed
 request has the same plan). A request the registry does not know gets the
 original count, a superset: never fewer blocks than the worker writes to.
@@ -48,96 +48,84 @@ import functools
 import math
 from collections.abc import Sequence
 
+from dataclasses import dataclass, replace
+from typing import Any
+
 from vllm.v1.core.kv_cache_coordinator import KVCacheCoordinator
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager, SingleTypeKVCacheManager
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
-__all__ = ["StagePlans", "V2DropCoordinator", "V2DropStageManager", "install_scheduler_hooks"]
+from vllm_v2drop.config import V2DropConfigError
+from vllm_v2drop.engine.plans import KeyedRequest, StagePlans
+from vllm_v2drop.seams._check import CALLS, EXACT, NAMES, Seam, Touch
+from vllm_v2drop.seams._patch import patch
 
+__all__ = ["SEAM", "V2DropCoordinator", "V2DropStageManager", "V2DropStageSpec", "install", "install_stage_specs"]
 
-class StagePlans:
-    """Request id -> :class:`RequestPlan` for the V2Drop managers of one block pool."""
+_COORD = "vllm.v1.core.kv_cache_coordinator"
+_STM = "vllm.v1.core.single_type_kv_cache_manager"
+_SPEC = "vllm.v1.kv_cache_interface"
+_BY = "seams.kv_cache."
 
-    def __init__(self, schedule) -> None:
-        self.schedule = schedule
-        self.plans: dict = {}
-        self.cache_limits: dict[str, int] = {}  # requests whose plan drops rows: their first item's start
-        self.keys: dict[str, dict[int, list[bytes]]] = {}  # per_stage prefix-cache keys, per request and stage
-
-    def register(self, request) -> None:
-        if request.request_id in self.plans:
-            return
-        from vllm_v2drop.runtime import plan_for, request_view  # the worker's own planning code
-
-        view = request_view(request.request_id, request.num_prompt_tokens, request.mm_features,
-                            request.sampling_params)
-        self.plans[view.req_id] = plan = plan_for(self.schedule, view)
-        if plan.drops_anything:
-            self.cache_limits[view.req_id] = plan.summary[0]
-
-    def forget(self, request_id: str) -> None:
-        self.plans.pop(request_id, None)
-        self.cache_limits.pop(request_id, None)
-        self.keys.pop(request_id, None)
-
-    def stage_keys(self, request, stage: int, num_blocks: int, block_size: int) -> list[bytes]:
-        """Prefix-cache keys of the request's first stage-``stage`` blocks (``kv_mode: per_stage``,
-        a plan that drops rows): at most ``num_blocks``, fewer where the block's ``q_j`` lies past
-        the request's hashed blocks or its ``stable_end``. Computed once per block and request.
-
-        Block ``j`` whose rows are the original ones keeps vLLM's own hash of block ``j``; any
-        other is ``hash(block of q_j) + j + digest(keep ratios, min_keep)``: two requests share it
-        exactly when their sequences agree up to ``q_j`` and they keep rows alike."""
-        keys = self.keys.setdefault(request.request_id, {}).setdefault(stage, [])
-        if len(keys) >= num_blocks:
-            return keys
-        plan = self.plans[request.request_id]
-        hashes = request.block_hashes
-        limit = min(len(hashes) * block_size, plan.stable_end)
-        digest = plan.layout_digest
-        q = plan.block_key_positions(stage, num_blocks, block_size).tolist()
-        for j in range(len(keys), num_blocks):
-            if q[j] >= limit:
-                break
-            h = hashes[q[j] // block_size]
-            keys.append(h if q[j] == (j + 1) * block_size - 1 else h + j.to_bytes(4, "big") + digest)
-        return keys
-
-    def cache_limit(self, request) -> int | None:
-        """How far the request's KV blocks are laid out the same in every layer (prefix-cacheable):
-        up to its first vision item when its plan drops rows, everywhere (None) otherwise.
-
-        Called for every scheduled request and step (``cache_blocks``): two dict lookups once
-        the request is planned (at its prefix-cache lookup, normally)."""
-        if request.request_id not in self.plans:
-            self.register(request)
-        return self.cache_limits.get(request.request_id)
-
-    def compact_len(self, request_id: str, stage: int, num_tokens: int) -> int:
-        plan = self.plans.get(request_id)
-        return num_tokens if plan is None else plan.compact_len(stage, num_tokens)
-
-    @staticmethod
-    def of(block_pool, schedule=None) -> StagePlans | None:
-        """The engine's plans: one per block pool, shared by its stage managers and coordinator and
-        made by the first of them to ask with the ``schedule``; None for a pool without (not a
-        V2Drop engine)."""
-        plans = getattr(block_pool, "_v2drop_plans", None)
-        if plans is None and schedule is not None:
-            plans = block_pool._v2drop_plans = StagePlans(schedule)
-        return plans
-
-
-class _KeyedRequest:
-    """A scheduler ``Request`` seen with other block hashes (a stage group's keys) by vLLM's
-    ``cache_blocks``; everything else is the request's."""
-
-    __slots__ = ("_request", "block_hashes")
-
-    def __init__(self, request, block_hashes: list[bytes]) -> None:
-        self._request, self.block_hashes = request, block_hashes
-
-    def __getattr__(self, name: str):
-        return getattr(self._request, name)
+SEAM = Seam("KV-cache coordinator", "engine core: block counts per stage group, prefix-cache keys; the per-stage KV spec", (
+    Touch(f"{_COORD}:KVCacheCoordinator.get_num_blocks_to_allocate",
+          "(self, request_id, num_tokens, new_computed_blocks, num_encoder_tokens, total_computed_tokens, "
+          "num_local_computed_tokens, num_tokens_main_model, apply_admission_cap=False, prefill_end=0)",
+          EXACT, _BY + "V2DropCoordinator"),
+    Touch(f"{_COORD}:KVCacheCoordinator.allocate_new_blocks",
+          "(self, request_id, num_tokens, num_tokens_main_model, num_encoder_tokens=0)",
+          EXACT, _BY + "V2DropCoordinator"),
+    Touch(f"{_COORD}:KVCacheCoordinator.remove_skipped_blocks",
+          "(self, request_id, processed_computed_tokens, num_prompt_tokens=None)",
+          EXACT, _BY + "V2DropCoordinator"),
+    Touch(f"{_COORD}:KVCacheCoordinator.free", "(self, request_id)", EXACT, _BY + "V2DropCoordinator"),
+    Touch(f"{_COORD}:KVCacheCoordinator.pop_blocks_for_free", "(self, request_id)", EXACT, _BY + "V2DropCoordinator"),
+    Touch(f"{_COORD}:KVCacheCoordinator.allocate_new_computed_blocks",
+          "(self, request_id, new_computed_blocks, num_local_computed_tokens, num_external_computed_tokens, "
+          "skip_zeroing_group_ids=())",
+          EXACT, _BY + "V2DropCoordinator"),
+    Touch(f"{_COORD}:KVCacheCoordinator.cache_blocks", "(self, request, num_computed_tokens)", EXACT,
+          _BY + "V2DropCoordinator"),
+    # V2DropCoordinator.adopt subclasses whichever of these vLLM picked
+    *(Touch(f"{_COORD}:{cls}.find_longest_cache_hit", "(self, block_hashes, max_cache_hit_length)", EXACT,
+            _BY + "V2DropCoordinator")
+      for cls in ("KVCacheCoordinator", "KVCacheCoordinatorNoPrefixCache", "UnitaryKVCacheCoordinator",
+                  "HybridKVCacheCoordinator")),
+    Touch(f"{_STM}:FullAttentionManager.__init__", "(self, kv_cache_spec)", NAMES, _BY + "V2DropStageManager"),
+    Touch(f"{_STM}:FullAttentionManager.new_step_starts", "(self)", EXACT, _BY + "V2DropStageManager"),
+    Touch(f"{_STM}:FullAttentionManager.cache_blocks",
+          "(self, request, num_tokens, *, retention_interval, replay_boundaries)",
+          CALLS, _BY + "V2DropStageManager, " + _BY + "V2DropCoordinator.cache_blocks"),
+    Touch(f"{_STM}:FullAttentionManager.allocate_external_computed_blocks",
+          "(self, request_id, num_local_computed_tokens, num_external_computed_tokens, record_for_zeroing=True)",
+          EXACT, _BY + "V2DropStageManager"),
+    Touch(f"{_STM}:FullAttentionManager.get_num_blocks_to_allocate",
+          "(self, request_id, num_tokens, new_computed_blocks, total_computed_tokens, num_local_computed_tokens, "
+          "num_tokens_main_model, *, apply_admission_cap, prefill_end)",
+          CALLS, _BY + "V2DropCoordinator.get_num_blocks_to_allocate"),
+    Touch(f"{_STM}:FullAttentionManager.allocate_new_blocks", "(self, request_id, num_tokens, num_tokens_main_model)",
+          CALLS, _BY + "V2DropCoordinator.allocate_new_blocks"),
+    Touch(f"{_STM}:FullAttentionManager.add_local_computed_blocks",
+          "(self, request_id, new_computed_blocks, num_local_computed_tokens, num_external_computed_tokens)",
+          CALLS, _BY + "V2DropCoordinator.allocate_new_computed_blocks"),
+    Touch(f"{_STM}:FullAttentionManager.find_longest_cache_hit",
+          "(*, block_hashes, max_length, kv_cache_group_ids, block_pool, kv_cache_spec, drop_eagle_block, "
+          "alignment_tokens)",
+          CALLS, _BY + "V2DropCoordinator._v2drop_stage_hit"),
+    Touch(f"{_STM}:SingleTypeKVCacheManager.remove_skipped_blocks", None, NAMES, _BY + "V2DropCoordinator.adopt"),
+    Touch(f"{_STM}:SingleTypeKVCacheManager.get_num_skipped_tokens", None, NAMES, _BY + "V2DropCoordinator.adopt"),
+    Touch(f"{_SPEC}:KVCacheSpec", None, NAMES, _BY + "V2DropStageSpec"),
+    Touch(f"{_SPEC}:FullAttentionSpec.merge", "(specs)", CALLS, _BY + "V2DropStageSpec.merge"),
+    Touch(f"{_SPEC}:FullAttentionSpec.is_uniform_with_collection", "(self, kv_cache_specs)", EXACT,
+          _BY + "V2DropStageSpec"),
+    Touch(f"{_SPEC}:MLAAttentionSpec", None, NAMES, _BY + "install_stage_specs"),
+    Touch(f"{_SPEC}:replace_as", "(spec, target_cls, **changes)", CALLS, _BY + "install_stage_specs"),
+    Touch("vllm.v1.kv_cache_spec_registry:KVCacheSpecRegistry.register",
+          "(kvcache_spec_cls, manager_class, *, uniform_type_base_spec)", CALLS, _BY + "install"),
+    Touch("vllm.v1.kv_cache_spec_registry:KVCacheSpecRegistry._ensure_registered", "()", CALLS, _BY + "install"),
+    Touch("vllm.model_executor.layers.attention:Attention.get_kv_cache_spec", "(self, vllm_config)", EXACT,
+          _BY + "install_stage_specs"),
+))
 
 
 class V2DropStageManager(FullAttentionManager):
@@ -389,7 +377,7 @@ class V2DropCoordinator(KVCacheCoordinator):
                 keys = plans.stage_keys(request, s, full, size)
                 if len(keys) <= manager.num_cached_block.get(rid, 0):
                     continue
-                manager.cache_blocks(_KeyedRequest(request, keys), len(keys) * size,
+                manager.cache_blocks(KeyedRequest(request, keys), len(keys) * size,
                                      retention_interval=self.retention_interval, replay_boundaries=boundaries)
             else:
                 manager.cache_blocks(request, full * size, retention_interval=self.retention_interval,
@@ -452,90 +440,116 @@ class V2DropCoordinator(KVCacheCoordinator):
 _coordinator_classes: dict[tuple[type, bool], type] = {}
 
 
-def _keep_mm_data(mm_features, num_computed_tokens: int, uses_mrope: bool = False):
-    """What a V2Drop engine's scheduler sends the worker with a new request: every vision item's data.
+# ------------------------------------------------------------------------------------ the KV spec
+#
+# How vLLM 0.32 groups the stages, and what it costs:
+# The specs of different stages cannot merge (:meth:`V2DropStageSpec.merge`
+# raises), so ``get_kv_cache_groups`` takes the hybrid path
+# (``_get_kv_cache_groups_uniform_page_size``): one bucket of layers per stage,
+# then every bucket is cut into groups of ``G`` layers, ``G`` being the smallest
+# bucket (or the largest, when the largest is < 1.5 x the smallest). A physical
+# block holds ``G`` layer pages and every group's layers share it, so:
+#
+# * stage layer counts that are all multiples of the smallest one (e.g. 2/2/4/8)
+#   cost nothing: every group is full;
+# * otherwise the last group of a stage has fewer than ``G`` layers and vLLM
+#   "pads" it: each block that group takes has ``G - g`` unused layer pages. vLLM
+#   logs ``Add N padding layers, may waste at most X% KV cache memory``;
+#   :func:`vllm_v2drop.core.kv_layout.group_layout` predicts the layout and
+#   :func:`~vllm_v2drop.core.kv_layout.padding_waste` its cost,
+#   and the config hook logs both at start-up;
+# * the paper's schedules rarely divide evenly: Qwen2-VL-7B's (3, 16, 22) of 28
+#   layers has stages of 3/13/6/6 layers, so ``G = 3`` and stage 1 becomes 5 groups
+#   of 3,3,3,2,2 layers: 2 of every 15 pages a request holds in stage 1 are
+#   padding (6.7% of its KV memory with equal blocks per stage); LLaVA-1.5's
+#   (3, 17, 22) of 32 gives 3/14/5/10 layers, 12 groups, 11% padding. A stage of
+#   a single layer forces ``G = 1``: one group per layer, no padding at all, but
+#   one block table and one allocation per layer (8 groups for the tiny 8-layer
+#   test model). vLLM's per-step work grows with the group count: its coordinator
+#   calls every group's manager for every running request, the runner computes
+#   every group's slot mapping and builds its attention metadata. V2Drop's
+#   coordinator answers decode steps that need no new block without those calls,
+#   and the runner spares the stage-only groups' slot mappings and builds.
+# * the saving itself is unaffected by ``G``: a stage-``s`` group still takes
+#   ``ceil(compact_len(s, n) / block_size)`` blocks.
 
-    vLLM leaves out the data of the items its prefix-cache hit covers at admission, and its worker
-    keeps a request's state from admission when the request is resumed after preemption. A resumed
-    request can hit less than at its admission (evicted blocks; a ``per_stage`` stage that runs out
-    earlier), and must then encode an item its first hit covered: without the data the worker skips
-    the encoder and stops the engine ("Encoder cache miss")."""
-    return mm_features
 
+@dataclass(frozen=True, kw_only=True)
+class V2DropStageSpec(FullAttentionSpec):
+    """:class:`FullAttentionSpec` of an attention layer in V2Drop stage ``stage``.
 
-_hooks_installed = False
-
-
-def install_scheduler_hooks() -> None:
-    """Wrap vLLM's scheduler and :class:`KVCacheManager` so a V2Drop engine's KV cache knows each
-    request's plan.
-
-    ``Scheduler.__init__`` makes the KV-cache coordinator of a V2Drop engine a
-    :class:`V2DropCoordinator`. ``get_computed_blocks`` is where the scheduler first hands the KV
-    manager a ``Request`` it admits (new, or resumed after preemption: vLLM looks up the prefix
-    cache of every request it schedules from 0): its plan is built there, once, and its
-    prefix-cache lookup capped. Nothing of V2Drop runs per request on the hot path but the
-    coordinator's own calls (``per_stage``) and its ``cache_blocks`` cap; ``free`` /
-    ``pop_blocks_for_free`` drop the plan of a finished request. The wrappers do nothing for
-    other models.
+    ``schedule`` (a :class:`vllm_v2drop.config.ResolvedSchedule`) travels with the
+    spec from the worker to the engine core, so the scheduler-side manager plans
+    requests with exactly the worker's schedule.
     """
-    global _hooks_installed
-    if _hooks_installed:
-        return
-    _hooks_installed = True
-    from vllm.v1.core.kv_cache_manager import KVCacheManager
-    from vllm.v1.core.sched.scheduler import Scheduler
 
-    init, get_computed_blocks, free, pop_blocks_for_free = (
-        Scheduler.__init__,
-        KVCacheManager.get_computed_blocks,
-        KVCacheManager.free,
-        KVCacheManager.pop_blocks_for_free,
-    )
+    stage: int = 0
+    schedule: Any = None
 
-    @functools.wraps(init)
-    def _init(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        from vllm_v2drop.integration import V2DROP_ARCHITECTURES, resolve_schedule
+    def _v2drop_key(self) -> tuple:
+        return (self.stage, self.schedule)
 
-        if getattr(self.vllm_config.model_config, "architecture", None) in V2DROP_ARCHITECTURES:
-            V2DropCoordinator.adopt(self.kv_cache_manager.coordinator, resolve_schedule(self.vllm_config))
-            from vllm.v1.core.sched import output
+    @classmethod
+    def merge(cls, specs: list[Any]) -> V2DropStageSpec:
+        """Merge the specs of one group; layers of different stages never share a group."""
+        first = specs[0]
+        if not all(isinstance(s, V2DropStageSpec) and s._v2drop_key() == first._v2drop_key() for s in specs):
+            raise AssertionError("V2Drop: layers of different stages cannot share a KV cache group.")
+        merged = super().merge(specs)
+        return replace(merged, stage=first.stage, schedule=first.schedule)
 
-            output.strip_covered_mm_data = _keep_mm_data
+    def is_uniform_with_collection(self, kv_cache_specs: dict[str, KVCacheSpec]) -> bool:
+        """Uniform (one group for all) only when every layer is in this layer's stage."""
+        return all(
+            isinstance(s, V2DropStageSpec) and s._v2drop_key() == self._v2drop_key()
+            for s in kv_cache_specs.values()
+        )
 
-    @functools.wraps(get_computed_blocks)
-    def _get_computed_blocks(self, request):
-        plans = StagePlans.of(self.block_pool)
-        if plans is None:
-            return get_computed_blocks(self, request)
-        plans.register(request)  # even where vLLM skips the lookup (prefix caching off, prompt logprobs)
-        self.coordinator._v2drop_request = request
-        try:
-            return get_computed_blocks(self, request)
-        finally:
-            self.coordinator._v2drop_request = None
 
-    def _forget(self, request) -> None:
-        plans = StagePlans.of(self.block_pool)
-        if plans is not None and request.is_finished():
-            plans.forget(request.request_id)
+def install() -> None:
+    """Register :class:`V2DropStageSpec` with vLLM's ``KVCacheSpecRegistry`` (every process: the
+    engine core unpickles the workers' specs; idempotent, as the registry accepts the same class
+    and manager again).
 
-    @functools.wraps(free)
-    def _free(self, request):
-        try:
-            return free(self, request)
-        finally:
-            _forget(self, request)
+    vLLM fills the registry with its built-in specs only while it is empty
+    (``KVCacheSpecRegistry._ensure_registered``), so the built-ins go in first.
+    """
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-    @functools.wraps(pop_blocks_for_free)
-    def _pop_blocks_for_free(self, request):
-        try:
-            return pop_blocks_for_free(self, request)
-        finally:
-            _forget(self, request)
+    KVCacheSpecRegistry._ensure_registered()
+    KVCacheSpecRegistry.register(V2DropStageSpec, V2DropStageManager, uniform_type_base_spec=V2DropStageSpec)
 
-    Scheduler.__init__ = _init
-    KVCacheManager.get_computed_blocks = _get_computed_blocks
-    KVCacheManager.free = _free
-    KVCacheManager.pop_blocks_for_free = _pop_blocks_for_free
+
+def install_stage_specs(attention_layers, stage_of_layer, schedule) -> None:
+    """Make every decoder attention layer report the :class:`V2DropStageSpec` of its stage (worker).
+
+    ``attention_layers[i]`` is vLLM's ``Attention`` module of decoder layer ``i``;
+    ``stage_of_layer[i]`` its stage. Only plain full attention can be split by
+    stage; anything else (sliding window, chunked local, MLA) fails here, at
+    start-up, with the reason.
+    """
+    from vllm.v1.kv_cache_interface import MLAAttentionSpec, replace_as
+
+    install()
+    for attn, stage in zip(attention_layers, stage_of_layer):
+
+        def staged(original, _stage=int(stage), _name=attn.layer_name):
+            def get_kv_cache_spec(vllm_config):
+                spec = original(vllm_config)
+                if spec is None:
+                    return None
+                if (
+                    not isinstance(spec, FullAttentionSpec)
+                    or isinstance(spec, MLAAttentionSpec)
+                    or spec.sliding_window is not None
+                    or spec.attention_chunk_size is not None
+                ):
+                    raise V2DropConfigError(
+                        f"kv_mode: per_stage needs plain full attention, but layer {_name} has "
+                        f"{type(spec).__name__}; use kv_mode: shared"
+                    )
+                return replace_as(spec, V2DropStageSpec, stage=_stage, schedule=schedule)
+
+            return get_kv_cache_spec
+
+        patch(attn, "get_kv_cache_spec", staged)

@@ -1,0 +1,1 @@
+"""Pure V2Drop: no vLLM import, usable in every process and without vLLM."""
