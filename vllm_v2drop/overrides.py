@@ -28,6 +28,7 @@ from functools import lru_cache
 from typing import Any
 
 from vllm_v2drop.plan import solve_keep_ratios
+from vllm_v2drop.seams.errors import validation_error_base
 
 __all__ = ["KEYS", "RequestOverride", "V2DropRequestError", "parse", "validate"]
 
@@ -41,21 +42,7 @@ KEYS: dict[str, str] = {
 }
 
 
-class _NoVLLMValidationError(Exception):
-    """Stands in for ``VLLMValidationError`` where vLLM is not installed (plain ``Exception`` and
-    ``ValueError`` together have no consistent method resolution order)."""
-
-
-def _error_base():
-    try:
-        from vllm.exceptions import VLLMValidationError
-
-        return VLLMValidationError
-    except ImportError:  # no vLLM here: the plan and its tools work without it
-        return _NoVLLMValidationError
-
-
-class V2DropRequestError(_error_base(), ValueError):
+class V2DropRequestError(validation_error_base(), ValueError):
     """A bad per-request V2Drop setting.
 
     A ``ValueError`` (what offline ``LLM.generate`` raises) and vLLM's

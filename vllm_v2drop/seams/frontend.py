@@ -35,7 +35,7 @@ SEAM = Seam("frontend and input processing", "API server / LLM: per-request sett
     Touch(f"{_OP}:OutputProcessor.process_outputs", "(self, engine_core_outputs)", NAMES, _BY),
     Touch(f"{_OP}:OutputProcessor.abort_requests", "(self)", NAMES, _BY),
     Touch("vllm.exceptions:VLLMValidationError", "(message, *, parameter)", CALLS,
-          "overrides.V2DropRequestError"),
+          "seams.errors.validation_error_base"),
 ))
 
 

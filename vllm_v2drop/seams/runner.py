@@ -64,10 +64,10 @@ SEAM = Seam("model runner", "worker: each stage's attention metadata and slot ma
           _BY + "_retarget", platform="cpu"),
     Touch("vllm.forward_context:get_forward_context", "()", CALLS, _BY + "install_stage_metadata"),
     Touch("vllm.config:set_current_vllm_config", "(vllm_config)", CALLS, _BY + "_stage_groups"),
-    Touch("vllm.distributed:get_tp_group", "()", CALLS, "worker.runtime.same_on_every_rank"),
-    Touch("vllm.distributed:get_pp_group", "()", CALLS, "worker.runtime.logs_requests"),
-    Touch("vllm.distributed:get_tensor_model_parallel_rank", "()", CALLS, "worker.runtime.logs_requests"),
-    Touch("vllm.sequence:IntermediateTensors", "(tensors)", CALLS, "worker.runtime.V2DropRuntime._to_next_rank"),
+    Touch("vllm.distributed:get_tp_group", "()", CALLS, "seams.parallel.same_on_every_rank"),
+    Touch("vllm.distributed:get_pp_group", "()", CALLS, "seams.parallel.logs_requests"),
+    Touch("vllm.distributed:get_tensor_model_parallel_rank", "()", CALLS, "seams.parallel.logs_requests"),
+    Touch("vllm.sequence:IntermediateTensors", "(tensors)", CALLS, "seams.parallel.intermediate_tensors"),
 ), where="vllm.v1.worker.gpu_model_runner")
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from vllm_v2drop.config import ResolvedSchedule
+from vllm_v2drop.seams.parallel import intermediate_tensors, logs_requests, same_on_every_rank  # noqa: F401
 from vllm_v2drop.core.requests import (  # noqa: F401  (the worker's names for them)
     BatchView,
     RequestView,
@@ -50,39 +51,6 @@ class DropStep:
     batch: BatchView | None = None
     kept_log: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     kept_layers: list[int] = field(default_factory=list)  # the stage layer of each kept_log entry
-
-
-def same_on_every_rank(idx_kept: torch.Tensor) -> torch.Tensor:
-    """The kept rows of tensor-parallel rank 0, on every rank of its group (in place).
-
-    Every rank scores the same replicated residual stream, so the ranks agree whenever
-    their all-reduces are bitwise identical across ranks and their norm kernels run the
-    same reduction order. Neither is promised by every backend (quantised all-reduces,
-    per-rank thread counts on CPU), and a single flipped near-tie would make the ranks
-    cache and all-reduce different rows, silently. So rank 0 decides: one broadcast of
-    ``num_kept`` indices per stage of a step that drops (the size is the host plan's,
-    known on every rank), nothing on steps without drops or with one rank.
-    """
-    try:
-        from vllm.distributed import get_tp_group
-
-        tp = get_tp_group()
-    except (AssertionError, ImportError):  # no vLLM distributed state (unit tests)
-        return idx_kept
-    if tp.world_size > 1:
-        tp.broadcast(idx_kept, src=0)
-    return idx_kept
-
-
-def logs_requests() -> bool:
-    """Whether this worker writes the per-request log lines: the first rank of its engine
-    (tensor- and pipeline-parallel rank 0), so that each line appears once per engine."""
-    try:
-        from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank
-
-        return get_tensor_model_parallel_rank() == 0 and get_pp_group().is_first_rank
-    except (AssertionError, ImportError):  # no vLLM distributed state (unit tests)
-        return True
 
 
 class V2DropRuntime:
@@ -233,14 +201,12 @@ class V2DropRuntime:
     @staticmethod
     def _to_next_rank(hidden, residual, rows, num_padded: int):
         """What a pipeline rank hands on: the present rows first, in shapes of the whole step."""
-        from vllm.sequence import IntermediateTensors
-
         n = rows.shape[0]
         out = {"hidden_states": hidden.new_zeros((num_padded, hidden.shape[-1])),
                "residual": residual.new_zeros((num_padded, residual.shape[-1])),
                ROWS_KEY: rows.new_zeros(num_padded)}
         out["hidden_states"][:n], out["residual"][:n], out[ROWS_KEY][:n] = hidden, residual, rows
-        return IntermediateTensors(out)
+        return intermediate_tensors(out)
 
     # ---- observability -------------------------------------------------------------------------
     def _log_requests(self, batch: BatchView, step: StepPlan) -> None:
