@@ -45,7 +45,7 @@ $(VENV)/.setup-done: pyproject.toml Makefile tools/setup_vllm.py tools/patch_tor
 	@touch $@
 
 demo: setup
-	$(PY) -m vllm_v2drop.tools.demo $(MODEL)
+	$(PY) -m vllm_v2drop.dev.demo $(MODEL)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import flops
 
-from vllm_v2drop.tools.demo import (
+from vllm_v2drop.dev.demo import (
     image_data_url,
     image_part,
     parse_request_stats,
@@ -59,7 +59,7 @@ from vllm_v2drop.tools.demo import (
     video_data_url,
     video_part,
 )
-from vllm_v2drop.tools.server import serve
+from vllm_v2drop.dev.server import serve
 
 REPO = Path(__file__).resolve().parents[1]
 IMPLS = ("stock", "v2drop")
@@ -85,7 +85,7 @@ MID_TEXT_DIMS = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_laye
 
 def build_model(arch: str, size: str, root: Path) -> Path:
     """Build (once) a random-weight model: ``tiny`` / ``7b`` from make_model, or ``mid`` (see MID_TEXT_DIMS)."""
-    from vllm_v2drop.tools import make_model as mm
+    from vllm_v2drop.dev import make_model as mm
 
     out = root / f"{arch}-{size}"
     marker = out / "v2drop_model.json"

@@ -17,7 +17,7 @@ A stock block holds every decoder layer (one "page" per layer); with ``per_stage
 holds the layers of one KV-cache group. So memory is counted in one-layer pages: pages in use =
 usage x usable blocks x layers per block. Reported per mode: pages per running request when
 the engine first runs the most requests (every admitted prompt prefilled in one step), the
-plan's prediction (``vllm_v2drop.plan``: per KV-cache group, ``ceil(compact_len(stage,
+plan's prediction (``vllm_v2drop.core.request_plan``: per KV-cache group, ``ceil(compact_len(stage,
 prompt) / block_size)`` blocks, as ``tests/test_kv_memory.py`` computes it), the most requests
 running at once, preemptions, and the ratios against stock. Writes a JSON file and a PNG beside
 it and prints a markdown table. Needs ``VLLM_CPU_KVCACHE_SPACE`` unset on CPU (it overrides the
@@ -75,7 +75,7 @@ def run_mode(mode: str, args, model_dir: Path, request: dict, v2cfg: dict) -> di
 
     from vllm_v2drop.config import V2DropConfig
     from vllm_v2drop.core.architectures import base_architecture
-    from vllm_v2drop.tools.kv_probe import kv_groups
+    from vllm_v2drop.dev.kv_probe import kv_groups
     from vllm_v2drop.core.requests import plan_for, request_view
 
     kv_mode = MODES[mode]

@@ -53,7 +53,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vllm_v2drop.tools.demo import image_data_url, image_part, read_log, video_data_url, video_part  # noqa: E402
+from vllm_v2drop.dev.demo import image_data_url, image_part, read_log, video_data_url, video_part  # noqa: E402
 
 ARCHS = ("llava-onevision", "qwen2-vl")
 KV_MODES = ("shared", "per_stage")
@@ -446,7 +446,7 @@ def run_soak(argv: list[str] | None = None) -> dict:
     """Run the whole soak for ``argv`` (the CLI's arguments); return the result (also written to ``--out``)."""
     import httpx
 
-    from vllm_v2drop.tools.server import serve
+    from vllm_v2drop.dev.server import serve
 
     args = parse_args(argv)
     sys.path.insert(0, str(REPO / "tests"))

@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # vLLM's CPU platform lets VLLM_CPU_KVCACHE_SPACE (GiB) override kv_cache_memory_bytes, so tests that
 # size the KV pool (LLM_DEFAULTS, preemption, KV memory) need it unset; `vllm serve` subprocesses get
-# their own small default from vllm_v2drop.tools.server.
+# their own small default from vllm_v2drop.dev.server.
 os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 # Every per_stage engine of the suite checks each prefix-cache reuse of its KV blocks (vllm_v2drop.worker.audit).
@@ -72,7 +72,7 @@ def models_dir() -> Path:
 
 def ensure_model(arch: str, root: Path | None = None, seed: int = 0) -> Path:
     """Build ``arch`` into ``root/arch`` unless a build of the current builder version is there."""
-    from vllm_v2drop.tools.make_model import BUILDER_VERSION, make_model
+    from vllm_v2drop.dev.make_model import BUILDER_VERSION, make_model
 
     root = root or models_dir()
     target = root / (arch if seed == 0 else f"{arch}-seed{seed}")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from vllm_v2drop.config import V2DropConfig
-from vllm_v2drop.plan import plan_request
-from vllm_v2drop.tools.demo import parse_request_stats
+from vllm_v2drop.core.request_plan import plan_request
+from vllm_v2drop.dev.demo import parse_request_stats
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -115,7 +115,7 @@ def test_metrics_scrape_parsing():
 
 def test_report_and_plot_from_synthetic_runs(tmp_path):
     """make_report pools rounds and computes ratios, FLOP-ideal speed-up and the plan cross-check; plot writes a PNG."""
-    from vllm_v2drop.tools.demo import RequestStats
+    from vllm_v2drop.dev.demo import RequestStats
 
     w = bench_v2drop.Workload.parse("name=img,images=384x384,n=2", 0)
     runs, v2_stats = [], {}

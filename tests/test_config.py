@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vllm_v2drop.config import V2DropConfig, V2DropConfigError
-from vllm_v2drop.plan import average_retention, solve_keep_ratios
+from vllm_v2drop.core.request_plan import average_retention, solve_keep_ratios
 from vllm_v2drop.presets import DEFAULT_PRESET_BY_ARCHITECTURE, PRESETS, scale_layers
 
 PREFIX = """Invalid V2Drop configuration (--additional-config '{"v2drop": ...}'): """

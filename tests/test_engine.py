@@ -26,8 +26,8 @@ from conftest import (
 )
 
 from vllm_v2drop.config import V2DropConfig
-from vllm_v2drop.reference import RefRequest, RefSchedule, V2DropReference
-from vllm_v2drop.tools.kv_probe import written_kv_rows, zero_kv_cache
+from vllm_v2drop.dev.reference import RefRequest, RefSchedule, V2DropReference
+from vllm_v2drop.dev.kv_probe import written_kv_rows, zero_kv_cache
 
 pytestmark = pytest.mark.slow
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # kv_probe runs in the worker

@@ -37,7 +37,7 @@ from test_engine import (  # noqa: F401 (model_dir, stock_tokens, reference: fix
     trace_for,
 )
 
-from vllm_v2drop.plan import plan_request
+from vllm_v2drop.core.request_plan import plan_request
 
 pytestmark = pytest.mark.slow
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # kv_probe runs in the worker
@@ -122,7 +122,7 @@ def test_kv_rows_and_blocks_per_stage(arch, model_dir, v2drop, reference):
     """While a request decodes, layer l holds exactly the prompt rows present at layer l (plus the
     decoded tokens), and each stage's KV-cache group holds the plan's blocks:
     ceil((compact prompt length of the stage + decoded tokens) / block size)."""
-    from vllm_v2drop.tools.kv_probe import kv_groups, request_kv_state, zero_kv_cache
+    from vllm_v2drop.dev.kv_probe import kv_groups, request_kv_state, zero_kv_cache
 
     llm, _, config = v2drop
     schedule = ref_schedule(arch, config)

@@ -13,7 +13,7 @@ import pytest
 from conftest import greedy, llm_engine, make_image, make_video, mm_request
 from test_engine import generate_each, read_trace, ref_request, ref_schedule, tokens, trace_for
 
-from vllm_v2drop.reference import V2DropReference
+from vllm_v2drop.dev.reference import V2DropReference
 
 pytestmark = pytest.mark.slow
 

@@ -92,7 +92,7 @@ def _png_data_url(img) -> str:
 def test_vllm_serve_image_chat(tiny_models):
     import openai
 
-    from vllm_v2drop.tools.server import serve
+    from vllm_v2drop.dev.server import serve
 
     model = str(tiny_models["llava-onevision"])
     args = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "4096",

@@ -20,7 +20,7 @@ import random
 import pytest
 import torch
 
-from vllm_v2drop.plan import plan_request
+from vllm_v2drop.core.request_plan import plan_request
 
 BS = 16
 STAGES = (0, 1, 1, 2, 2, 2, 3, 3)  # stage of each group (one layer each)

@@ -26,7 +26,7 @@ import pytest
 from conftest import ensure_model, greedy, llm_engine, make_image, prompt
 
 from vllm_v2drop.core.kv_layout import group_layout, padding_waste
-from vllm_v2drop.plan import plan_request, stage_of_layer
+from vllm_v2drop.core.request_plan import plan_request, stage_of_layer
 
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # probes run in the worker
 
@@ -113,7 +113,7 @@ def _run(llm, requests: dict, pool_blocks: int, abort_after: dict | None = None)
 
 
 def _groups(llm) -> list[dict]:
-    from vllm_v2drop.tools.kv_probe import kv_groups
+    from vllm_v2drop.dev.kv_probe import kv_groups
 
     return llm.collective_rpc(kv_groups)[0]
 
@@ -192,7 +192,7 @@ def _fidelity_workload(llm, model_dir) -> dict:
     """Tokens of a chunked-prefill batch, and each request's KV rows per layer while it runs."""
     from vllm import SamplingParams
 
-    from vllm_v2drop.tools.kv_probe import request_kv_rows, zero_kv_cache
+    from vllm_v2drop.dev.kv_probe import request_kv_rows, zero_kv_cache
 
     reqs = _mixed_requests(model_dir, long=True)
     outs = llm.generate(reqs, greedy(12))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import ARCHS, NEW_ARCHS, NEW_VIDEO_ARCHS, VIDEO_ARCHS, make_image, make_video, prompt, video_metadata
 
-from vllm_v2drop.tools.make_model import make_model
+from vllm_v2drop.dev.make_model import make_model
 
 PLACEHOLDER = {  # (image token, video token) as they appear in the processed input ids
     "llava": ("<image>", None),

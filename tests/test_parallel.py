@@ -40,7 +40,7 @@ import pytest
 from conftest import ensure_model, greedy, llm_engine, make_image, prompt
 from test_engine import generate_each, mixed_batch, requests, tokens
 
-from vllm_v2drop.tools.demo import image_data_url, image_part, video_data_url, video_part
+from vllm_v2drop.dev.demo import image_data_url, image_part, video_data_url, video_part
 
 pytestmark = pytest.mark.slow
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # probes run in the workers
@@ -173,7 +173,8 @@ def _contrarian(worker, on: bool) -> None:
     """On every tensor-parallel rank but 0, score rows the opposite way (``on``) or normally again."""
     from vllm.distributed import get_tensor_model_parallel_rank
 
-    from vllm_v2drop import runtime, selection
+    from vllm_v2drop import runtime
+    from vllm_v2drop.core import selection
 
     if get_tensor_model_parallel_rank() == 0:
         return
@@ -245,7 +246,7 @@ def per_stage_workload(model_dir, **parallel) -> dict:
     image requests, and the named requests' tokens."""
     from vllm import SamplingParams
 
-    from vllm_v2drop.tools.kv_probe import kv_groups
+    from vllm_v2drop.dev.kv_probe import kv_groups
 
     with parallel_engine(model_dir, disable_log_stats=False, max_num_batched_tokens=4096, **parallel,
                          **{**ENGINE, "enable_prefix_caching": False}, **_v2drop(kv_mode="per_stage")) as llm:
@@ -323,7 +324,7 @@ def test_one_rank_logs_requests(tp2, pp2):
 @pytest.mark.parametrize("config", ["tp2_per_stage", "pp2_per_stage"])
 def test_per_stage_blocks_match_plan(single, config, model_dir, request):
     """``kv_mode: per_stage`` with TP=2 and PP=2: the blocks in use are the plan's; one device's tokens."""
-    from vllm_v2drop.plan import plan_request
+    from vllm_v2drop.core.request_plan import plan_request
 
     res = request.getfixturevalue(config)
     assert len(res["groups"]) == 2
@@ -360,7 +361,7 @@ def prompt_pad_id(model_dir) -> int:
 def dp2(model_dir, tmp_path_factory):
     """``vllm serve --data-parallel-size 2``: the chats one by one, then a burst of concurrent ones."""
     openai = pytest.importorskip("openai")
-    from vllm_v2drop.tools.server import serve
+    from vllm_v2drop.dev.server import serve
 
     args = ["--model-impl", "v2drop", "--enforce-eager", "--dtype", "float32", "--seed", "0",
             "--block-size", str(BS), "--max-model-len", str(ENGINE["max_model_len"]),

@@ -8,7 +8,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from vllm_v2drop.plan import (
+from vllm_v2drop.core.request_plan import (
     average_retention,
     keep_counts,
     plan_request,
@@ -85,7 +85,7 @@ def test_solver_is_closest_and_deterministic():
 
 
 def test_plan_has_no_torch_or_vllm_import():
-    src = pathlib.Path(__file__).parents[1] / "vllm_v2drop" / "plan.py"
+    src = pathlib.Path(__file__).parents[1] / "vllm_v2drop" / "core" / "request_plan.py"
     imported = set()
     for node in ast.walk(ast.parse(src.read_text())):
         if isinstance(node, ast.Import):

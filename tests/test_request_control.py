@@ -15,7 +15,7 @@ import pytest
 from vllm_v2drop.config import V2DropConfig, V2DropConfigError
 from vllm_v2drop.frontend import FrontendStats
 from vllm_v2drop.overrides import V2DropRequestError, parse
-from vllm_v2drop.plan import keep_counts, plan_request, solve_keep_ratios
+from vllm_v2drop.core.request_plan import keep_counts, plan_request, solve_keep_ratios
 from vllm_v2drop.worker.runtime import RequestView, VisionItem, plan_for, request_view
 
 
@@ -189,7 +189,7 @@ def test_show_trace_draws_each_stage(tmp_path):
     from PIL import Image
 
     from vllm_v2drop.cli import main
-    from vllm_v2drop.tools.show_trace import infer_grid
+    from vllm_v2drop.show_trace import infer_grid
 
     assert infer_grid(48, 224 / 168) == (1, 6, 8)
     assert infer_grid(4 * 16, 1.0, frames=8) == (4, 4, 4)

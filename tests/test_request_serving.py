@@ -31,7 +31,7 @@ from vllm_v2drop.config import V2DropConfig
 from vllm_v2drop.core.kv_layout import stage_layer_counts
 from vllm_v2drop.core.kv_layout import group_layout
 from vllm_v2drop.overrides import _solved
-from vllm_v2drop.plan import keep_counts, plan_request
+from vllm_v2drop.core.request_plan import keep_counts, plan_request
 
 pytestmark = pytest.mark.slow
 openai = pytest.importorskip("openai")
@@ -83,7 +83,7 @@ def stock_tokens(model_dir):
 @pytest.fixture(scope="module")
 def server(model_dir, stock_tokens, tmp_path_factory):
     """``(base_url, model, trace_dir)``; starts after the stock engine is gone (one engine at a time)."""
-    from vllm_v2drop.tools.server import serve
+    from vllm_v2drop.dev.server import serve
 
     trace = tmp_path_factory.mktemp("trace")
     args = SERVER_ARGS + ["--additional-config", json.dumps({"v2drop": {"kv_mode": "per_stage", "trace": str(trace)}})]
@@ -177,7 +177,7 @@ def test_off_gives_stock_tokens(client, server, stock_tokens):
 
 @pytest.mark.parametrize("target", [0.3, 0.7])
 def test_target_retention_follows_the_plan_and_the_reference(client, server, target):
-    from vllm_v2drop.reference import RefRequest, RefSchedule, V2DropReference
+    from vllm_v2drop.dev.reference import RefRequest, RefSchedule, V2DropReference
 
     url, model, trace = server
     resp = ask(client, model, IMAGE, {"v2drop_target_retention": target})

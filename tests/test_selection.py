@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_v2drop.selection import (
+from vllm_v2drop.core.selection import (
     kept_rows,
     random_scores,
     segmented_topk_keep,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_v2drop.tools.demo import (
+from vllm_v2drop.dev.demo import (
     image_data_url,
     image_part,
     parse_request_stats,
@@ -46,7 +46,7 @@ SERVER_ARGS = [
 @pytest.fixture(scope="module")
 def server(tiny_models, tmp_path_factory):
     """``(base_url, model, log_path)`` of one V2Drop server for the whole module."""
-    from vllm_v2drop.tools.server import serve
+    from vllm_v2drop.dev.server import serve
 
     model = str(tiny_models["llava-onevision"])
     log_path = tmp_path_factory.mktemp("serve") / "server.log"

@@ -144,7 +144,7 @@ SERVE_ARGS = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "2048"
 
 @pytest.mark.slow
 def test_vllm_serve_v2drop_on_another_vllm_exits_with_the_message(tiny_models, tmp_path):
-    from vllm_v2drop.tools.server import DEFAULT_ENV
+    from vllm_v2drop.dev.server import DEFAULT_ENV
 
     vllm_bin = Path(sys.executable).with_name("vllm")
     cmd = [str(vllm_bin), "serve", str(tiny_models["llava-onevision"]), "--model-impl", "v2drop", *SERVE_ARGS]
@@ -157,7 +157,7 @@ def test_vllm_serve_v2drop_on_another_vllm_exits_with_the_message(tiny_models, t
 @pytest.mark.slow
 def test_stock_vllm_serve_on_another_vllm_still_serves(tiny_models, tmp_path):
     openai = pytest.importorskip("openai")
-    from vllm_v2drop.tools.server import serve
+    from vllm_v2drop.dev.server import serve
 
     model = str(tiny_models["llava-onevision"])
     log = tmp_path / "server.log"

@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     mm = sub.add_parser("make-model", help="build a seeded random-weight VLM directory (no network)")
-    from vllm_v2drop.tools.make_model import ARCHS
+    from vllm_v2drop.dev.make_model import ARCHS
 
     mm.add_argument("--arch", required=True, choices=ARCHS)
     mm.add_argument("--out", required=True, help="output directory")
@@ -29,12 +29,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.cmd == "show-trace":
-        from vllm_v2drop.tools.show_trace import show_trace
+        from vllm_v2drop.show_trace import show_trace
 
         print(show_trace(args.trace, args.request, args.image, args.video, args.out, args.grid, args.cell))
         return 0
     if args.cmd == "make-model":
-        from vllm_v2drop.tools.make_model import make_model
+        from vllm_v2drop.dev.make_model import make_model
 
         path = make_model(args.arch, args.out, seed=args.seed, size=args.size)
         print(path)

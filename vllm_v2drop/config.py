@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from vllm_v2drop.plan import RequestPlan, average_retention, plan_request, solve_keep_ratios
+from vllm_v2drop.core.request_plan import RequestPlan, average_retention, plan_request, solve_keep_ratios
 from vllm_v2drop.presets import PRESETS, default_preset_for, scale_layers
 
 __all__ = ["ResolvedSchedule", "V2DropConfig", "V2DropConfigError"]
@@ -333,7 +333,7 @@ class ResolvedSchedule:
 
     def plan(self, items: Any, num_prompt_tokens: int, prune: bool = True,
              keep_ratios: tuple[float, ...] | None = None) -> RequestPlan:
-        """:func:`vllm_v2drop.plan.plan_request` with this schedule's ratios (or a request's own
+        """:func:`vllm_v2drop.core.request_plan.plan_request` with this schedule's ratios (or a request's own
         ``keep_ratios``, one per layer of this schedule) and ``min_keep``."""
         ratios = self.keep_ratios if keep_ratios is None else keep_ratios
         return plan_request(items, num_prompt_tokens, ratios, self.min_keep, prune=prune)

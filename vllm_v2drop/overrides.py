@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from vllm_v2drop.plan import solve_keep_ratios
+from vllm_v2drop.core.request_plan import solve_keep_ratios
 from vllm_v2drop.seams.errors import validation_error_base
 
 __all__ = ["KEYS", "RequestOverride", "V2DropRequestError", "parse", "validate"]

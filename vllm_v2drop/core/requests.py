@@ -16,7 +16,7 @@ import numpy as np
 from vllm_v2drop.config import ResolvedSchedule
 from vllm_v2drop.overrides import RequestOverride
 from vllm_v2drop.overrides import parse as parse_override
-from vllm_v2drop.plan import RequestPlan
+from vllm_v2drop.core.request_plan import RequestPlan
 
 logger = logging.getLogger("vllm.v2drop")
 

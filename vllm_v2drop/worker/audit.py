@@ -27,7 +27,7 @@ import os
 import numpy as np
 import torch
 
-from vllm_v2drop.plan import RequestPlan
+from vllm_v2drop.core.request_plan import RequestPlan
 
 __all__ = ["ENV", "BlockAudit", "V2DropAuditError", "enabled"]
 

@@ -30,8 +30,8 @@ from vllm_v2drop.core.requests import (  # noqa: F401  (the worker's names for t
     request_override,
     request_view,
 )
-from vllm_v2drop.selection import kept_rows, segmented_topk_keep, stage_scores
-from vllm_v2drop.plan import BatchPlanner, RequestPlan, StepPlan, stage_of_layer
+from vllm_v2drop.core.selection import kept_rows, segmented_topk_keep, stage_scores
+from vllm_v2drop.core.request_plan import BatchPlanner, RequestPlan, StepPlan, stage_of_layer
 
 logger = logging.getLogger("vllm.v2drop")
 
@@ -80,7 +80,7 @@ class V2DropRuntime:
 
         Requests are planned once, when the planner first sees them in the batch; a step
         costs array work over the batch plus exact planning of the requests that compute
-        vision rows in it (:class:`~vllm_v2drop.plan.BatchPlanner`).
+        vision rows in it (:class:`~vllm_v2drop.core.request_plan.BatchPlanner`).
         """
         if not self.schedule.layers or not len(batch.req_ids):
             return None

@@ -2,7 +2,7 @@
 
 Everything here runs on CPU and CUDA without a device-to-host sync: no
 ``.item()``, no ``.tolist()``, no ``nonzero()`` or boolean-mask indexing with
-a data-dependent result size. The counts come from :mod:`vllm_v2drop.plan`
+a data-dependent result size. The counts come from :mod:`vllm_v2drop.core.request_plan`
 on the host; only which rows is decided on the device.
 """
 

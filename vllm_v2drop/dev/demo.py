@@ -1,6 +1,6 @@
 """Demo: serve a vision-language model with ``--model-impl v2drop`` and ask it about an image and a video.
 
-    python -m vllm_v2drop.tools.demo [MODEL] [--v2drop-config JSON] [--port N] [--log FILE]
+    python -m vllm_v2drop.dev.demo [MODEL] [--v2drop-config JSON] [--port N] [--log FILE]
 
 Without MODEL it builds the tiny random LLaVA-OneVision model into
 ``build/demo-model`` (no network), so the answers are meaningless text; the point
@@ -166,7 +166,7 @@ def stats_for(log_path: str | Path, response_id: str, timeout: float = 5.0) -> l
 
 
 def ensure_demo_model(out: Path, arch: str = "llava-onevision") -> Path:
-    from vllm_v2drop.tools.make_model import BUILDER_VERSION, make_model
+    from vllm_v2drop.dev.make_model import BUILDER_VERSION, make_model
 
     marker = out / "v2drop_model.json"
     if marker.exists():
@@ -186,7 +186,7 @@ def chat(client, model: str, content: list[dict], max_tokens: int = 24):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vllm_v2drop.tools.server import serve
+    from vllm_v2drop.dev.server import serve
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", help="model directory or name (default: build the tiny demo model)")

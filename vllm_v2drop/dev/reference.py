@@ -1,7 +1,7 @@
 """Plain-transformers reference implementation of V2Drop (the parity oracle).
 
-This module is deliberately independent of the engine code: it does not import
-``vllm`` nor ``vllm_v2drop.selection`` / ``vllm_v2drop.plan``. Every rule of
+This module is deliberately independent of the engine code: it imports neither
+``vllm`` nor ``vllm_v2drop.core`` (counts, scores, top-k). Every rule of
 ``V2DROP_SPEC.md`` is written out here directly, per request and per item, with
 plain Python loops, favouring obviousness over speed.
 
