@@ -11,7 +11,7 @@ Per decoder layer with ``t`` rows (prompt tokens present in that layer):
   (row ``i`` attends to the ``i + 1`` rows present before it, in that layer's compacted KV).
 
 Stock vLLM has ``t = prompt_tokens`` in every layer. With V2Drop, layer ``l`` holds the text
-rows plus the vision rows present there: :func:`vllm_v2drop.core.request_plan.rows_per_layer` per vision
+rows plus the vision rows present there: :func:`vllm_v2drop.core.counts.rows_per_layer` per vision
 item. What this leaves out, on purpose: the vision tower and projector (same work in both),
 the LM head (one row per request in prefill), norms / RoPE / activations (a few FLOPs per
 element), and V2Drop's own scoring and top-k (``O(rows * h)`` per stage).
@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vllm_v2drop.core.request_plan import rows_per_layer
+from vllm_v2drop.core.counts import rows_per_layer
 
 __all__ = ["LMShape", "Request", "ideal_speedup", "lm_shape", "prefill_flops", "schedule_for", "workload_flops"]
 

@@ -10,7 +10,7 @@ transformers' own Qwen2-VL text classes with random bf16 weights and ``sdpa`` at
 decoder layers are called the way vLLM calls them (``layer(positions, hidden, residual)``,
 returning ``(hidden, residual)``), so the project's own drop loop,
 :meth:`vllm_v2drop.worker.runtime.V2DropRuntime.forward`, runs them unchanged: the runtime plans the
-batch (:class:`~vllm_v2drop.core.request_plan.BatchPlanner`), and at each stage scores the rows, runs the
+batch (:class:`~vllm_v2drop.core.batch_planner.BatchPlanner`), and at each stage scores the rows, runs the
 segmented top-k and gathers the kept rows (:mod:`vllm_v2drop.core.selection`). Every request in a
 batch has the same shape (64 text rows, 32 before and 32 after one vision item), so the packed
 rows of a batch are ``[batch, rows, hidden]`` at every layer and ``sdpa`` runs causal attention
@@ -438,7 +438,7 @@ def run_prefill_section(dec, cfg, sizes, batches, schedules, device, dtype, warm
 
 
 def _keep_counts(n0: int, sched) -> list[int]:
-    from vllm_v2drop.core.request_plan import keep_counts
+    from vllm_v2drop.core.counts import keep_counts
 
     return [int(k) for k in keep_counts(n0, sched.keep_ratios, sched.min_keep)]
 
@@ -482,7 +482,8 @@ def selection_ops(sched, metric_state: dict, stage: int, num_kept: int):
     """The drop loop's own work at one stage, as :meth:`V2DropRuntime.forward` does it
     (``x_prev`` one layer before the stage, then its ``cut``), on ``metric_state``'s tensors."""
     from vllm_v2drop.worker.runtime import same_on_every_rank
-    from vllm_v2drop.core.selection import kept_rows, segmented_topk_keep, stage_scores
+    from vllm_v2drop.core.scorers import stage_scores
+    from vllm_v2drop.core.selection import kept_rows, segmented_topk_keep
 
     st = metric_state
 

@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import gpu_prefill as gp  # noqa: E402
 
-from vllm_v2drop.core.request_plan import keep_counts  # noqa: E402
+from vllm_v2drop.core.counts import keep_counts  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,8 @@ import pytest
 from conftest import ensure_model, greedy, llm_engine, make_image, prompt
 
 from vllm_v2drop.core.kv_layout import group_layout, padding_waste
-from vllm_v2drop.core.request_plan import plan_request, stage_of_layer
+from vllm_v2drop.core.counts import stage_of_layer
+from vllm_v2drop.core.request_plan import plan_request
 
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # probes run in the worker
 

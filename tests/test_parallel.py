@@ -173,12 +173,12 @@ def _contrarian(worker, on: bool) -> None:
     """On every tensor-parallel rank but 0, score rows the opposite way (``on``) or normally again."""
     from vllm.distributed import get_tensor_model_parallel_rank
 
-    from vllm_v2drop import runtime
-    from vllm_v2drop.core import selection
+    from vllm_v2drop.core import scorers
+    from vllm_v2drop.worker import runtime
 
     if get_tensor_model_parallel_rank() == 0:
         return
-    runtime.stage_scores = (lambda *a, **kw: -selection.stage_scores(*a, **kw)) if on else selection.stage_scores
+    runtime.stage_scores = (lambda *a, **kw: -scorers.stage_scores(*a, **kw)) if on else scorers.stage_scores
 
 
 def _logs_requests(worker) -> bool:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vllm_v2drop.core.request_plan import BatchPlanner, SplitItemError, plan_request, plan_step, whole_item_limit
+from vllm_v2drop.core.batch_planner import BatchPlanner
+from vllm_v2drop.core.request_plan import plan_request
+from vllm_v2drop.core.step_plan import SplitItemError, plan_step, whole_item_limit
 
 RATIOS = (0.5, 0.25, 0.0)
 

@@ -15,7 +15,8 @@ import pytest
 from vllm_v2drop.config import V2DropConfig, V2DropConfigError
 from vllm_v2drop.frontend import FrontendStats
 from vllm_v2drop.overrides import V2DropRequestError, parse
-from vllm_v2drop.core.request_plan import keep_counts, plan_request, solve_keep_ratios
+from vllm_v2drop.core.counts import keep_counts, solve_keep_ratios
+from vllm_v2drop.core.request_plan import plan_request
 from vllm_v2drop.worker.runtime import RequestView, VisionItem, plan_for, request_view
 
 
@@ -58,7 +59,7 @@ def test_good_settings():
     assert not parse({"v2drop_off": 0}, SCHED).off
     assert parse({"v2drop_keep_ratios": [1, 0.5, 0.0]}, SCHED).keep_ratios == (1.0, 0.5, 0.0)
     o = parse({"v2drop_target_retention": 0.3}, SCHED)
-    assert o.keep_ratios == solve_keep_ratios(SCHED.layers, 8, 0.3, 576, 1)[0]
+    assert o.keep_ratios == solve_keep_ratios(SCHED.layers, 8, 0.3, 576, 1).keep_ratios
     assert parse({"v2drop_off": True, "v2drop_target_retention": 0.3}, SCHED).keep_ratios is None
 
 
@@ -106,7 +107,7 @@ def test_plan_for_uses_the_request_settings():
     assert plan_for(SCHED, _view()).counts[0].tolist() == [rows, *keep_counts(rows, SCHED.keep_ratios)]
     assert plan_for(SCHED, _view({"v2drop_off": 1})).counts[0].tolist() == [rows] * 4
     assert not plan_for(SCHED, _view({"v2drop_off": 1})).pruned
-    ratios = solve_keep_ratios(SCHED.layers, 8, 0.6, 576, 1)[0]
+    ratios = solve_keep_ratios(SCHED.layers, 8, 0.6, 576, 1).keep_ratios
     assert plan_for(SCHED, _view({"v2drop_target_retention": 0.6})).counts[0].tolist() == [rows, *keep_counts(rows, ratios)]
     assert plan_for(SCHED, _view({"v2drop_keep_ratios": [1, 0.5, 0]})).counts[0].tolist() == [48, 48, 24, 1]
     # prompt logprobs still win; a bad value that got past the frontend falls back to the schedule

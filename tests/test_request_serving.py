@@ -31,7 +31,8 @@ from vllm_v2drop.config import V2DropConfig
 from vllm_v2drop.core.kv_layout import stage_layer_counts
 from vllm_v2drop.core.kv_layout import group_layout
 from vllm_v2drop.overrides import _solved
-from vllm_v2drop.core.request_plan import keep_counts, plan_request
+from vllm_v2drop.core.counts import keep_counts
+from vllm_v2drop.core.request_plan import plan_request
 
 pytestmark = pytest.mark.slow
 openai = pytest.importorskip("openai")

@@ -9,13 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_v2drop.core.selection import (
-    kept_rows,
-    random_scores,
-    segmented_topk_keep,
-    stage_scores,
-    variation_scores,
-)
+from vllm_v2drop.core.scorers import SCORERS, Scorer, random_scores, register, stage_scores
+from vllm_v2drop.core.selection import kept_rows, segmented_topk_keep
 
 # ----------------------------------------------------------------- metrics
 
@@ -23,38 +18,59 @@ from vllm_v2drop.core.selection import (
 def test_l2_l1_cosine_on_known_vectors():
     cur = torch.tensor([[3.0, 4.0], [1.0, 0.0], [1.0, 1.0]])
     prev = torch.tensor([[0.0, 0.0], [0.0, 1.0], [2.0, 2.0]])
-    assert variation_scores(cur, prev, "l2").tolist() == pytest.approx([5.0, math.sqrt(2), math.sqrt(2)])
-    assert variation_scores(cur, prev, "l1").tolist() == pytest.approx([7.0, 2.0, 2.0])
+    assert stage_scores("l2", cur, prev).tolist() == pytest.approx([5.0, math.sqrt(2), math.sqrt(2)])
+    assert stage_scores("l1", cur, prev).tolist() == pytest.approx([7.0, 2.0, 2.0])
     # Negated similarity: orthogonal -> 0, parallel -> -1; zero vector -> 0 (eps).
-    assert variation_scores(cur, prev, "cosine").tolist() == pytest.approx([0.0, 0.0, -1.0], abs=1e-6)
-    assert variation_scores(cur, prev, "none").tolist() == [0.0, 0.0, 0.0]
+    assert stage_scores("cosine", cur, prev).tolist() == pytest.approx([0.0, 0.0, -1.0], abs=1e-6)
+    assert stage_scores("none", cur, prev).tolist() == [0.0, 0.0, 0.0]
 
 
 def test_scores_are_float32_from_half_inputs():
     cur = torch.full((4, 8), 300.0, dtype=torch.bfloat16)
     prev = torch.zeros(4, 8, dtype=torch.bfloat16)
     for metric in ("l2", "l1", "cosine", "none"):
-        out = variation_scores(cur, prev, metric)
+        out = stage_scores(metric, cur, prev)
         assert out.dtype == torch.float32 and out.shape == (4,)
-    assert variation_scores(cur, prev, "l2")[0].item() == pytest.approx(300.0 * math.sqrt(8))
+    assert stage_scores("l2", cur, prev)[0].item() == pytest.approx(300.0 * math.sqrt(8))
 
 
 def test_cosine_keeps_lowest_similarity():
     cur = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0]])
     prev = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
-    s = variation_scores(cur, prev, "cosine")
+    s = stage_scores("cosine", cur, prev)
     keep = segmented_topk_keep(s, torch.zeros(3, dtype=torch.int64), torch.tensor([1]))
     assert keep.tolist() == [False, False, True]
 
 
 def test_unknown_metric_and_shape_mismatch():
     x = torch.zeros(2, 3)
-    with pytest.raises(ValueError, match="unknown metric"):
-        variation_scores(x, x, "random")
+    with pytest.raises(ValueError, match=r"unknown metric 'l3' \(allowed: l2, l1, cosine, random, none\)"):
+        stage_scores("l3", x, x)
     with pytest.raises(ValueError, match="shape"):
-        variation_scores(x, torch.zeros(3, 3), "l2")
+        stage_scores("l2", x, torch.zeros(3, 3))
     with pytest.raises(ValueError, match="token_index"):
         stage_scores("random", x, x)
+
+
+def test_a_metric_is_one_registered_class():
+    """A new metric: one Scorer subclass and its registration; the config then accepts it."""
+    from vllm_v2drop.config import V2DropConfig
+
+    class Largest(Scorer):
+        name = "largest-test"
+
+        def score(self, x_cur, x_prev, *, seed, stage, token_index):
+            return x_cur.float().amax(dim=-1)
+
+    try:
+        register(Largest)
+        x = torch.tensor([[1.0, 5.0], [3.0, 2.0]])
+        assert stage_scores("largest-test", x, x).tolist() == [5.0, 3.0]
+        assert V2DropConfig(metric="largest-test").resolve(8, "LlavaForConditionalGeneration").metric == "largest-test"
+        with pytest.raises(ValueError, match="already registered"):
+            register(Largest)
+    finally:
+        SCORERS.pop("largest-test", None)
 
 
 # ------------------------------------------------------------ random scores
@@ -99,7 +115,8 @@ def test_random_scores_deterministic_and_batch_independent():
 def test_stage_scores_dispatch():
     x = torch.randn(5, 4)
     y = torch.randn(5, 4)
-    assert torch.equal(stage_scores("l2", x, y), variation_scores(x, y, "l2"))
+    assert list(SCORERS) == ["l2", "l1", "cosine", "random", "none"]
+    assert torch.equal(stage_scores("l2", x, y), torch.linalg.vector_norm(x - y, dim=-1))
     idx = torch.arange(5)
     assert torch.equal(stage_scores("random", x, y, seed=3, stage=2, token_index=idx), random_scores(3, 2, idx))
 
@@ -179,7 +196,7 @@ def test_cuda_matches_cpu():
     prev = torch.randn(300, 64, generator=g)
     for metric in ("l2", "l1", "cosine"):
         torch.testing.assert_close(
-            variation_scores(cur.cuda(), prev.cuda(), metric).cpu(), variation_scores(cur, prev, metric)
+            stage_scores(metric, cur.cuda(), prev.cuda()).cpu(), stage_scores(metric, cur, prev)
         )
     idx = torch.randint(0, 2**40, (300,), generator=g)
     assert torch.equal(random_scores(3, 2, idx.cuda()).cpu(), random_scores(3, 2, idx))

@@ -24,12 +24,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from vllm_v2drop.core.request_plan import RequestPlan, average_retention, plan_request, solve_keep_ratios
+from vllm_v2drop.core.counts import average_retention, solve_keep_ratios
+from vllm_v2drop.core.request_plan import RequestPlan, plan_request
+from vllm_v2drop.core.scorers import SCORERS
 from vllm_v2drop.presets import PRESETS, default_preset_for, scale_layers
 
 __all__ = ["ResolvedSchedule", "V2DropConfig", "V2DropConfigError"]
 
-Metric = Literal["l2", "l1", "cosine", "random", "none"]
 Modality = Literal["image", "video"]
 
 _PREFIX = """Invalid V2Drop configuration (--additional-config '{"v2drop": ...}'): """
@@ -42,7 +43,7 @@ ALLOWED: dict[str, str] = {
     "keep_ratios": "null or a list of numbers in [0, 1], one per layer",
     "target_retention": "null or a number in (0, 1]",
     "reference_rows": "an integer >= 1",
-    "metric": "l2, l1, cosine, random, none",
+    "metric": ", ".join(SCORERS),  # the registered scorers (vllm_v2drop.core.scorers)
     "min_keep": "an integer >= 1",
     "modalities": "a non-empty list of distinct values from: image, video",
     "seed": "an integer",
@@ -92,8 +93,9 @@ class V2DropConfig(BaseModel):
             instead of giving ``keep_ratios``; they are solved for ``layers``
             (or the preset's layers) on an item of ``reference_rows`` rows.
         reference_rows: item size used for ``target_retention`` and reporting.
-        metric: ``l2`` (the paper), ``l1``, ``cosine`` (the paper's first
-            version), ``random`` (seeded baseline), ``none`` (no dropping).
+        metric: how rows are scored, a registered scorer (:mod:`vllm_v2drop.core.scorers`):
+            ``l2`` (the paper), ``l1``, ``cosine`` (the paper's first version),
+            ``random`` (seeded baseline), ``none`` (no dropping).
         min_keep: the fewest rows a stage keeps per item.
         modalities: which vision items may be pruned.
         seed: seed of the ``random`` metric.
@@ -112,7 +114,7 @@ class V2DropConfig(BaseModel):
     keep_ratios: list[float] | None = None
     target_retention: float | None = None
     reference_rows: int = 576
-    metric: Metric = "l2"
+    metric: str = "l2"
     min_keep: int = 1
     modalities: list[Modality] = ["image", "video"]
     seed: int = 0
@@ -170,6 +172,13 @@ class V2DropConfig(BaseModel):
             raise ValueError(_problem("layers", f"layer {min(v)} is < 1 in {v}"))
         if any(b <= a for a, b in zip(v, v[1:])):
             raise ValueError(_problem("layers", f"must be sorted and without duplicates, got {v}"))
+        return v
+
+    @field_validator("metric")
+    @classmethod
+    def _check_metric(cls, v: str) -> str:
+        if v not in SCORERS:
+            raise ValueError(_problem("metric", f"unknown metric {v!r}"))
         return v
 
     @field_validator("keep_ratios")
@@ -316,7 +325,7 @@ class ResolvedSchedule:
     layers: tuple[int, ...]
     keep_ratios: tuple[float, ...]
     min_keep: int
-    metric: Metric
+    metric: str
     seed: int
     num_layers: int
     description: str

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from vllm_v2drop.core.request_plan import solve_keep_ratios
+from vllm_v2drop.core.counts import solve_keep_ratios
 from vllm_v2drop.seams.errors import validation_error_base
 
 __all__ = ["KEYS", "RequestOverride", "V2DropRequestError", "parse", "validate"]
@@ -80,7 +80,7 @@ def _is_number(v: Any) -> bool:
 def _solved(layers: tuple[int, ...], num_layers: int, target: float, reference_rows: int,
             min_keep: int) -> tuple[float, ...]:
     """The config's ``target_retention`` solve, cached: every request with the same value shares it."""
-    return solve_keep_ratios(layers, num_layers, target, reference_rows, min_keep)[0]
+    return solve_keep_ratios(layers, num_layers, target, reference_rows, min_keep).keep_ratios
 
 
 def parse(extra_args: Mapping[str, Any] | None, schedule) -> RequestOverride | None:

@@ -3,7 +3,7 @@
 A preset is a schedule written for one model depth (``ref_depth``). On a model
 of another depth its layers are scaled proportionally by :func:`scale_layers`.
 
-Budget presets were derived with :func:`vllm_v2drop.core.request_plan.solve_keep_ratios`
+Budget presets were derived with :func:`vllm_v2drop.core.counts.solve_keep_ratios`
 on an item of 576 rows and are hard-coded here so they read plainly; the test
 suite re-derives them and checks they still match.
 

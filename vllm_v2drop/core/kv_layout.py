@@ -14,7 +14,7 @@ __all__ = ["group_layout", "padding_waste", "stage_layer_counts"]
 
 def stage_layer_counts(schedule) -> list[int]:
     """Decoder layers per stage ``0 .. S``."""
-    from vllm_v2drop.core.request_plan import stage_of_layer
+    from vllm_v2drop.core.counts import stage_of_layer
 
     stages = stage_of_layer(schedule.layers, schedule.num_layers)
     return np.bincount(stages, minlength=len(schedule.layers) + 1).astype(int).tolist()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from vllm_v2drop.core.requests import BatchView, request_view
-from vllm_v2drop.core.request_plan import StepPlan
+from vllm_v2drop.core.step_plan import StepPlan
 from vllm_v2drop.seams._check import CALLS, EXACT, NAMES, Seam, Touch
 from vllm_v2drop.seams._patch import patch
 from vllm_v2drop.worker.audit import BlockAudit

@@ -3,7 +3,7 @@
 A V2Drop engine never splits a vision item across steps.
 
 V2Drop ranks an item's rows against each other at every stage, so all rows of an
-item must be computed in one step (:func:`vllm_v2drop.core.request_plan.plan_step` refuses a
+item must be computed in one step (:func:`vllm_v2drop.core.step_plan.plan_step` refuses a
 step that holds part of an item). vLLM's ``disable_chunked_mm_input`` (forced on)
 rolls a step back to an item's start only while the request's computed tokens are
 *before* that start (``Scheduler._try_schedule_encoder_inputs``). A request that
@@ -13,7 +13,7 @@ others) could then get only part of the item in its next step.
 
 :func:`install` wraps ``Scheduler._try_schedule_encoder_inputs`` (inherited by
 ``AsyncScheduler``): for a V2Drop engine, the tokens it is offered are first cut
-with :func:`vllm_v2drop.core.request_plan.whole_item_limit`, so the step ends before an item it
+with :func:`vllm_v2drop.core.step_plan.whole_item_limit`, so the step ends before an item it
 cannot hold whole (0 tokens: the request waits, as vLLM makes it wait for encoder
 budget). Every cut vLLM applies after this call (prefill lookahead, Mamba
 alignment) belongs to features a V2Drop engine refuses, and every cut before it
@@ -34,7 +34,7 @@ from vllm_v2drop.core.architectures import is_v2drop_model
 from vllm_v2drop.core.schedule import resolve_schedule
 from vllm_v2drop.engine.items import item_bounds
 from vllm_v2drop.engine.plans import StagePlans
-from vllm_v2drop.core.request_plan import whole_item_limit
+from vllm_v2drop.core.step_plan import whole_item_limit
 from vllm_v2drop.seams._check import EXACT, NAMES, Seam, Touch
 from vllm_v2drop.seams._patch import patch
 

@@ -30,8 +30,12 @@ from vllm_v2drop.core.requests import (  # noqa: F401  (the worker's names for t
     request_override,
     request_view,
 )
-from vllm_v2drop.core.selection import kept_rows, segmented_topk_keep, stage_scores
-from vllm_v2drop.core.request_plan import BatchPlanner, RequestPlan, StepPlan, stage_of_layer
+from vllm_v2drop.core.batch_planner import BatchPlanner
+from vllm_v2drop.core.counts import stage_of_layer
+from vllm_v2drop.core.request_plan import RequestPlan
+from vllm_v2drop.core.scorers import stage_scores
+from vllm_v2drop.core.selection import kept_rows, segmented_topk_keep
+from vllm_v2drop.core.step_plan import StepPlan
 
 logger = logging.getLogger("vllm.v2drop")
 
@@ -80,7 +84,7 @@ class V2DropRuntime:
 
         Requests are planned once, when the planner first sees them in the batch; a step
         costs array work over the batch plus exact planning of the requests that compute
-        vision rows in it (:class:`~vllm_v2drop.core.request_plan.BatchPlanner`).
+        vision rows in it (:class:`~vllm_v2drop.core.batch_planner.BatchPlanner`).
         """
         if not self.schedule.layers or not len(batch.req_ids):
             return None
