@@ -24,6 +24,7 @@ from vllm_v2drop.overrides import RequestOverride
 from vllm_v2drop.overrides import parse as parse_override
 from vllm_v2drop.selection import kept_rows, segmented_topk_keep, stage_scores
 from vllm_v2drop.plan import BatchPlanner, RequestPlan, StepPlan, stage_of_layer
+from vllm_v2drop.runner.staging import StepStaging, worst_case_bytes
 
 logger = logging.getLogger("vllm.v2drop")
 
@@ -181,6 +182,7 @@ class V2DropRuntime:
         self._describe: Callable[[str], RequestView] | None = None
         self._pending_trace: dict[str, dict[int, dict]] = {}
         self._local = threading.local()
+        self._staging: dict[torch.device, StepStaging] = {}  # for callers without the runner's (tests, benchmarks)
 
     # ---- planning ------------------------------------------------------------------------------
     def stage_layer_names(self, stage: int) -> list[str]:
@@ -207,18 +209,30 @@ class V2DropRuntime:
 
     # ---- the forward ---------------------------------------------------------------------------
     @contextmanager
-    def active(self, step: StepPlan | None, batch: BatchView | None, device: torch.device) -> Iterator[None]:
-        """Make ``step`` the drop step seen by :meth:`current` during the model's forward."""
+    def active(self, step: StepPlan | None, batch: BatchView | None, device: torch.device,
+               staging: StepStaging | None = None) -> Iterator[None]:
+        """Make ``step`` the drop step seen by :meth:`current` during the model's forward.
+
+        Its arrays reach ``device`` through ``staging``, the step's buffer the runner adapter has
+        begun (:mod:`vllm_v2drop.runner.staging`); without one, through the runtime's own.
+        """
         drop = None
         if step is not None and step.has_candidates:
-            as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)  # noqa: E731
-            counts = step.seg_counts
+            if staging is None:
+                staging = self._staging.get(device)
+                if staging is None:
+                    staging = self._staging[device] = StepStaging(device, worst_case_bytes(len(step.segment), 1, 1))
+                staging.begin()
+            counts_t = step.seg_counts.T  # [S+1, G]: one row per stage
+            staged = [staging.put(step.segment), staging.put(step.token_index), staging.put(counts_t)]
+            staging.flush()
+            segment, token_index, counts = (staging.on_device(x) for x in staged)
             drop = DropStep(
                 plan=step,
-                segment=as_t(step.segment),
-                token_index=as_t(step.token_index),
-                keep=[as_t(counts[:, s]) for s in range(1, counts.shape[1])],
-                sizes=[as_t(counts[:, s - 1]) for s in range(1, counts.shape[1])],
+                segment=segment,
+                token_index=token_index,
+                keep=[counts[s] for s in range(1, counts.shape[0])],
+                sizes=[counts[s - 1] for s in range(1, counts.shape[0])],
                 batch=batch,
             )
         self._local.drop = drop

@@ -19,6 +19,7 @@ import torch
 
 from vllm_v2drop.kv.audit import BlockAudit
 from vllm_v2drop.kv.audit import enabled as audit_enabled
+from vllm_v2drop.runner.staging import StepStaging, worst_case_bytes
 from vllm_v2drop.runtime import BatchView, V2DropRuntime, request_view
 from vllm_v2drop.plan import StepPlan
 
@@ -44,12 +45,15 @@ def install() -> None:
         pending = tables.__dict__.pop("_v2drop_pending", None)
         batch = read_batch(self)
         step = runtime.plan_step(batch) if batch is not None else None
+        staging = None
         if step is not None:
+            staging = _step_staging(self, runtime)
+            staging.begin()
             install_stage_metadata(self, runtime, step)
         elif pending is not None and batch is not None:  # the stage groups see the original view
             for table in pending[0]:
                 table.compute_slot_mapping(*pending[1])
-        with runtime.active(step, batch, self.device):
+        with runtime.active(step, batch, self.device, staging):
             out = original(self, *args, **kwargs)
         audit = self.__dict__.get("_v2drop_audit", False)
         if audit is False and groups and groups[0]:  # decided once the KV cache is set up
@@ -62,6 +66,16 @@ def install() -> None:
 
     _model_forward.__v2drop__ = True
     GPUModelRunner._model_forward = _model_forward
+
+
+def _step_staging(runner, runtime: V2DropRuntime) -> StepStaging:
+    """The runner's staging buffer for V2Drop's per-step host arrays, sized once for the largest
+    step it can be given (:mod:`vllm_v2drop.runner.staging`)."""
+    staging = runner.__dict__.get("_v2drop_staging")
+    if staging is None:
+        size = worst_case_bytes(runner.max_num_tokens, runner.max_num_reqs, len(runtime.schedule.layers))
+        staging = runner._v2drop_staging = StepStaging(runner.device, size)
+    return staging
 
 
 def _builder_key(builder) -> tuple:
@@ -192,9 +206,27 @@ def _stage_groups(runner, runtime: V2DropRuntime, stage: int) -> list[tuple[int,
                 g.layer_names, g.metadata_builders = mine, []
                 with set_current_vllm_config(runner.vllm_config):  # as vLLM builds its own (flash_attn_version)
                     g.create_metadata_builders(runner.vllm_config, runner.device, group.kernel_block_size)
+                share_workspace(group.metadata_builders, g.metadata_builders)
                 groups.append((gid, g))
         cache[stage] = groups
     return cache[stage]
+
+
+def share_workspace(sources, builders) -> None:
+    """Each stage builder uses the attention workspace of the builder it was copied from.
+
+    FlashInfer's builder allocates a scratch workspace of its own (at least 394 MiB) at its first
+    build, which for a stage builder comes after the KV cache was sized: one more per stage would
+    run the GPU out of memory. The workspace is scratch for the attention kernels only (each
+    wrapper keeps its plan in buffers of its own), and the stages' attention runs one after
+    another on one stream, so one serves them all, as vLLM's own runner shares one across
+    KV-cache groups (``set_workspace_buffer``). Builders without a workspace are left alone.
+    """
+    for source, builder in zip(sources, builders):
+        get = getattr(source, "_get_workspace_buffer", None)
+        give = getattr(builder, "set_workspace_buffer", None)
+        if get is not None and give is not None:
+            give(get())
 
 
 def _slot_mapping(table, qsl: torch.Tensor, kv_pos: torch.Tensor, length: int) -> torch.Tensor:
@@ -250,7 +282,6 @@ def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> No
     fc = get_forward_context()
     metadata, slot_mapping = dict(fc.attn_metadata), dict(fc.slot_mapping or {})
     n = step.query_lens.shape[1]
-    device = runner.device
     batch = runner.input_batch
     is_prefilling = torch.from_numpy(batch.num_computed_tokens_cpu[:n] < batch.num_prompt_tokens[:n])
     padded_len = len(next(iter(slot_mapping.values()), ()))  # one length for every group (vLLM's _get_slot_mappings)
@@ -258,12 +289,22 @@ def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> No
         for name in runtime.stage_layer_names(0):
             if name in slot_mapping:
                 slot_mapping[name] = slot_mapping[name][: step.num_rows(0)]
+    staging = runner._v2drop_staging  # begun by the step (_model_forward)
     decode = step.decode
+    # first every stage's host arrays into the step's staging buffer, then one copy to the device
+    staged: dict[int, tuple] = {}
     if decode:  # one row per request in every stage, at seq_len - 1 (the plan's kv_starts)
         qsl_cpu, qsl_dev = runner.query_start_loc.cpu[: n + 1], runner.query_start_loc.gpu[: n + 1]
-        host = device.type == "cpu"  # the plan's arrays serve as the device's
-        if not host:  # one copy to the device for every stage
-            seq_all_dev = torch.from_numpy(step.seq_lens.astype(np.int32)).to(device, non_blocking=True)
+        seq_all = staging.put(step.seq_lens, torch.int32)  # [S+1, n], one array for every stage
+    else:
+        for stage in range(1, step.num_stages + 1):
+            staged[stage] = staged[stage - 1] if stage > 1 and step.same_view_as_before(stage) else (
+                staging.put(step.seq_lens[stage], torch.int32),
+                staging.put(step.query_start_loc(stage), torch.int32),
+                staging.put(step.kv_positions(stage), torch.int64))
+    staging.flush()
+    if decode:
+        seq_all_cpu, seq_all_dev = staging.on_host(seq_all), staging.on_device(seq_all)
     previous: dict[int, tuple] = {}
     for stage in range(1, step.num_stages + 1):
         groups = _stage_groups(runner, runtime, stage)
@@ -274,19 +315,17 @@ def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> No
                     metadata[name], slot_mapping[name] = built, slots_t
             continue
         if decode:
-            # each stage its own arrays: rows of one [S+1, n] tensor given to vLLM 0.32's CPU
+            # each stage its own device array: rows of one [S+1, n] tensor given to vLLM 0.32's CPU
             # attention as seq_lens gave wrong tokens (test_batch_equals_alone)
-            seq_np = step.seq_lens[stage].astype(np.int32)
-            seq_cpu = torch.from_numpy(seq_np)
-            seq_dev = seq_cpu if host else seq_all_dev[stage].clone()
-            kv_pos = torch.from_numpy(step.kv_starts[stage]) if host else seq_dev.to(torch.int64) - 1
-            max_query_len, max_seq_len = 1, int(seq_np.max())
+            seq_cpu = seq_all_cpu[stage]
+            seq_dev = seq_all_dev[stage].clone()
+            kv_pos = seq_dev.to(torch.int64) - 1
+            max_query_len, max_seq_len = 1, int(step.seq_lens[stage].max())
         else:
-            seq_cpu = torch.from_numpy(step.seq_lens[stage].astype(np.int32))
-            seq_dev = seq_cpu.to(device, non_blocking=True)
-            qsl_cpu = torch.from_numpy(step.query_start_loc(stage))
-            qsl_dev = qsl_cpu.to(device, non_blocking=True)
-            kv_pos = torch.from_numpy(step.kv_positions(stage)).to(device, non_blocking=True)
+            seq, qsl, pos = staged[stage]
+            seq_cpu, seq_dev = staging.on_host(seq), staging.on_device(seq)
+            qsl_cpu, qsl_dev = staging.on_host(qsl), staging.on_device(qsl)
+            kv_pos = staging.on_device(pos)
             max_query_len, max_seq_len = int(step.query_lens[stage].max()), int(step.seq_lens[stage].max())
         num_rows = int(kv_pos.shape[0])
         length = num_rows if step.has_candidates else max(num_rows, padded_len)
