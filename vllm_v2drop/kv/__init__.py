@@ -101,6 +101,9 @@ def check_per_stage_supported(vllm_config, schedule) -> list[str]:
             "Model Runner V2 is selected, and only the V1 runner adapter gives stage layers their own "
             "block tables (set VLLM_USE_V2_MODEL_RUNNER=0)"
         )
+    backend = getattr(vllm_config.attention_config, "backend", None)
+    if backend is not None and getattr(backend, "name", str(backend)) in FLASHINFER_BACKENDS:
+        raise V2DropConfigError(flashinfer_message(backend.name))
     if problems:
         raise V2DropConfigError(
             "kv_mode: per_stage cannot run on this engine: " + "; ".join(problems)
@@ -110,6 +113,32 @@ def check_per_stage_supported(vllm_config, schedule) -> list[str]:
         scheduler_config.disable_hybrid_kv_cache_manager = False
         forced.append("hybrid KV cache manager on (one KV cache group per stage)")
     return forced
+
+
+#: Attention backends whose metadata builders each own a FlashInfer workspace and have no
+#: ``update_block_table``.
+FLASHINFER_BACKENDS = frozenset({"FLASHINFER", "TRITON_FLASHINFER"})
+
+
+def flashinfer_message(backend: str) -> str:
+    return (
+        f"kv_mode: per_stage cannot run on the {backend} attention backend: it cannot retarget one "
+        "stage's attention metadata to another KV-cache group (no update_block_table), so every stage "
+        "group builds its own metadata each step, and each group's builder allocates its own FlashInfer "
+        "workspace (at least 394 MiB) after the KV cache was sized: the first steps that use them run out "
+        "of GPU memory. Serve with --attention-backend FLASH_ATTN, or use kv_mode: shared."
+    )
+
+
+def refuse_flashinfer(attention_layers: Sequence) -> None:
+    """Stop start-up when vLLM chose a FlashInfer backend for the model's attention by itself
+    (the default on some GPUs: the config hook sees only a backend the user named)."""
+    from vllm_v2drop.config import V2DropConfigError
+
+    for attn in attention_layers:
+        name = attn.get_attn_backend().get_name()
+        if name in FLASHINFER_BACKENDS:
+            raise V2DropConfigError(flashinfer_message(name))
 
 
 def install_stage_specs(attention_layers: Sequence, stage_of_layer: Sequence[int], schedule) -> None:
@@ -126,6 +155,7 @@ def install_stage_specs(attention_layers: Sequence, stage_of_layer: Sequence[int
     from vllm_v2drop.kv.spec import V2DropStageSpec, ensure_registered
 
     ensure_registered()
+    refuse_flashinfer(attention_layers)
     for attn, stage in zip(attention_layers, stage_of_layer):
         original = attn.get_kv_cache_spec
 
