@@ -193,6 +193,9 @@ SEAMS: tuple[Seam, ...] = (
     Seam("model runner", "worker: each stage's attention metadata and slot mapping, read off vLLM's V1 runner", (
         Touch("vllm.v1.worker.gpu_model_runner:GPUModelRunner._model_forward", "(self)", NAMES, "runner.v1.install"),
         Touch("vllm.v1.worker.gpu_model_runner:GPUModelRunner.get_model", "(self)", CALLS, "runner.v1.install"),
+        # wrapped; is_profile given by name by profile_run, as vLLM 0.32 does
+        Touch("vllm.v1.worker.gpu_model_runner:GPUModelRunner._dummy_run", "(self, num_tokens, *, is_profile)",
+              NAMES, "runner.v1.install"),
         Touch(f"{_AG}:AttentionGroup.build_metadata",
               "(self, common_attn_metadata, ubatch_idx=0, common_prefix_len=0, **kwargs)",
               EXACT, "runner.v1._reuse_stage_builds"),

@@ -67,6 +67,22 @@ def install() -> None:
     _model_forward.__v2drop__ = True
     GPUModelRunner._model_forward = _model_forward
 
+    dummy_run = GPUModelRunner._dummy_run
+
+    @functools.wraps(dummy_run)
+    def _dummy_run(self, num_tokens, *args, **kwargs):
+        """vLLM's memory-profiling run (``is_profile``) also goes through the drop loop at its size,
+        after vLLM's own forward (which compiles the model): the peak vLLM sizes the KV cache from
+        then covers a drop step's (:meth:`V2DropRuntime.profiling`)."""
+        out = dummy_run(self, num_tokens, *args, **kwargs)
+        runtime = getattr(self.get_model(), "v2drop_runtime", None)
+        if kwargs.get("is_profile") and runtime is not None and runtime.schedule.layers:
+            with runtime.profiling(num_tokens, self.device):
+                out = dummy_run(self, num_tokens, *args, **kwargs)
+        return out
+
+    GPUModelRunner._dummy_run = _dummy_run
+
 
 def _step_staging(runner, runtime: V2DropRuntime) -> StepStaging:
     """The runner's staging buffer for V2Drop's per-step host arrays, sized once for the largest
