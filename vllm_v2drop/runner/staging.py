@@ -43,6 +43,15 @@ def worst_case_bytes(max_tokens: int, max_reqs: int, num_stages: int) -> int:
     return metadata + drop + _ALIGN * (4 * s + 8)
 
 
+class _Buffer:
+    """vLLM's ``CpuGpuBuffer`` as V2Drop uses it, where vLLM is not installed."""
+
+    def __init__(self, size: int, *, dtype: torch.dtype, device: torch.device, pin_memory: bool) -> None:
+        self.cpu = torch.zeros(size, dtype=dtype, pin_memory=pin_memory)
+        self.gpu = torch.zeros_like(self.cpu, device=device)
+        self.np = self.cpu.numpy()
+
+
 @dataclass(frozen=True)
 class Staged:
     """Where one staged array lies in the buffer."""
@@ -67,8 +76,11 @@ class StepStaging:
     """
 
     def __init__(self, device: torch.device | str, capacity: int, pin_memory: bool | None = None) -> None:
-        from vllm.utils.platform_utils import is_pin_memory_available
-        from vllm.v1.utils import CpuGpuBuffer
+        try:
+            from vllm.utils.platform_utils import is_pin_memory_available
+            from vllm.v1.utils import CpuGpuBuffer
+        except ImportError:  # the drop loop without vLLM (benchmarks/gpu_prefill.py on a bare GPU)
+            CpuGpuBuffer, is_pin_memory_available = _Buffer, torch.cuda.is_available
 
         self.device = torch.device(device)
         self.pin_memory = is_pin_memory_available() if pin_memory is None else pin_memory
