@@ -104,3 +104,11 @@ def request_kv_state(worker, req_id: str) -> tuple[dict[str, int], list[list[int
     """:func:`request_kv_rows` and :func:`request_block_ids` of one moment (one call between two
     engine steps), so that rows written and blocks held can be compared exactly."""
     return request_kv_rows(worker, req_id), request_block_ids(worker, req_id)
+
+
+def profiled_rows(worker) -> dict:
+    """Rows per stage of the drop step vLLM's memory-profiling run went through (None: it did not),
+    the stage count, and the largest step the engine schedules."""
+    runtime = worker.model_runner.get_model().v2drop_runtime
+    return {"profiled": runtime.profiled, "num_stages": len(runtime.schedule.layers),
+            "max_num_tokens": worker.model_runner.max_num_tokens}

@@ -85,6 +85,9 @@ def check_per_stage_supported(vllm_config, schedule, platform_problem: str | Non
             "Model Runner V2 is selected, and only the V1 runner adapter gives stage layers their own "
             "block tables (set VLLM_USE_V2_MODEL_RUNNER=0)"
         )
+    backend = getattr(vllm_config.attention_config, "backend", None)
+    if backend is not None and getattr(backend, "name", str(backend)) in FLASHINFER_BACKENDS:
+        raise V2DropConfigError(flashinfer_message(backend.name))
     if problems:
         raise V2DropConfigError(
             "kv_mode: per_stage cannot run on this engine: " + "; ".join(problems)
@@ -94,3 +97,18 @@ def check_per_stage_supported(vllm_config, schedule, platform_problem: str | Non
         scheduler_config.disable_hybrid_kv_cache_manager = False
         forced.append("hybrid KV cache manager on (one KV cache group per stage)")
     return forced
+
+
+#: Attention backends whose metadata builders each own a FlashInfer workspace and have no
+#: ``update_block_table``.
+FLASHINFER_BACKENDS = frozenset({"FLASHINFER", "TRITON_FLASHINFER"})
+
+
+def flashinfer_message(backend: str) -> str:
+    return (
+        f"kv_mode: per_stage cannot run on the {backend} attention backend: it cannot retarget one "
+        "stage's attention metadata to another KV-cache group (no update_block_table), so every stage "
+        "group builds its own metadata each step, and each group's builder allocates its own FlashInfer "
+        "workspace (at least 394 MiB) after the KV cache was sized: the first steps that use them run out "
+        "of GPU memory. Serve with --attention-backend FLASH_ATTN, or use kv_mode: shared."
+    )

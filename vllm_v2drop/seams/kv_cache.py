@@ -56,6 +56,7 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager, Sing
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
 from vllm_v2drop.config import V2DropConfigError
+from vllm_v2drop.engine.per_stage import FLASHINFER_BACKENDS, flashinfer_message
 from vllm_v2drop.engine.plans import KeyedRequest, StagePlans
 from vllm_v2drop.seams._check import CALLS, EXACT, NAMES, Seam, Touch
 from vllm_v2drop.seams._patch import patch
@@ -520,6 +521,15 @@ def install() -> None:
     KVCacheSpecRegistry.register(V2DropStageSpec, V2DropStageManager, uniform_type_base_spec=V2DropStageSpec)
 
 
+def refuse_flashinfer(attention_layers) -> None:
+    """Stop start-up when vLLM chose a FlashInfer backend for the model's attention by itself
+    (the default on some GPUs: the config hook sees only a backend the user named)."""
+    for attn in attention_layers:
+        name = attn.get_attn_backend().get_name()
+        if name in FLASHINFER_BACKENDS:
+            raise V2DropConfigError(flashinfer_message(name))
+
+
 def install_stage_specs(attention_layers, stage_of_layer, schedule) -> None:
     """Make every decoder attention layer report the :class:`V2DropStageSpec` of its stage (worker).
 
@@ -531,6 +541,7 @@ def install_stage_specs(attention_layers, stage_of_layer, schedule) -> None:
     from vllm.v1.kv_cache_interface import MLAAttentionSpec, replace_as
 
     install()
+    refuse_flashinfer(attention_layers)
     for attn, stage in zip(attention_layers, stage_of_layer):
 
         def staged(original, _stage=int(stage), _name=attn.layer_name):

@@ -21,6 +21,7 @@ from vllm_v2drop.core.requests import BatchView, request_view
 from vllm_v2drop.core.step_plan import StepPlan
 from vllm_v2drop.seams._check import CALLS, EXACT, NAMES, Seam, Touch
 from vllm_v2drop.seams._patch import patch
+from vllm_v2drop.seams.staging import StepStaging, worst_case_bytes
 from vllm_v2drop.worker.audit import BlockAudit
 from vllm_v2drop.worker.audit import enabled as audit_enabled
 from vllm_v2drop.worker.runtime import V2DropRuntime
@@ -32,6 +33,9 @@ _BY = "seams.runner."
 SEAM = Seam("model runner", "worker: each stage's attention metadata and slot mapping, read off vLLM's V1 runner", (
     Touch("vllm.v1.worker.gpu_model_runner:GPUModelRunner._model_forward", "(self)", NAMES, _BY + "install"),
     Touch("vllm.v1.worker.gpu_model_runner:GPUModelRunner.get_model", "(self)", CALLS, _BY + "install"),
+    # wrapped; is_profile given by name by profile_run, as vLLM 0.32 does
+    Touch("vllm.v1.worker.gpu_model_runner:GPUModelRunner._dummy_run", "(self, num_tokens, *, is_profile)",
+          NAMES, _BY + "install"),
     Touch(f"{_AG}:AttentionGroup.build_metadata",
           "(self, common_attn_metadata, ubatch_idx=0, common_prefix_len=0, **kwargs)",
           EXACT, _BY + "_reuse_stage_builds"),
@@ -63,6 +67,15 @@ SEAM = Seam("model runner", "worker: each stage's attention metadata and slot ma
     Touch("vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadata", "(*, block_table, slot_mapping)", NAMES,
           _BY + "_retarget", platform="cpu"),
     Touch("vllm.forward_context:get_forward_context", "()", CALLS, _BY + "install_stage_metadata"),
+    Touch("vllm.v1.utils:CpuGpuBuffer", "(*size, dtype, device, pin_memory)", CALLS,
+          "seams.staging.StepStaging"),  # and its cpu, gpu and np tensors
+    Touch("vllm.utils.platform_utils:is_pin_memory_available", "()", CALLS, "seams.staging.StepStaging"),
+    Touch("vllm.v1.attention.backends.flashinfer:FlashInferMetadataBuilder._get_workspace_buffer", "(self)",
+          CALLS, _BY + "share_workspace", platform="cuda"),
+    Touch("vllm.v1.attention.backends.flashinfer:FlashInferMetadataBuilder.set_workspace_buffer",
+          "(self, workspace_buffer)", CALLS, _BY + "share_workspace", platform="cuda"),
+    Touch("vllm.model_executor.layers.attention.attention:Attention.get_attn_backend", "(self)", CALLS,
+          "seams.kv_cache.refuse_flashinfer"),
     Touch("vllm.config:set_current_vllm_config", "(vllm_config)", CALLS, _BY + "_stage_groups"),
     Touch("vllm.distributed:get_tp_group", "()", CALLS, "seams.parallel.same_on_every_rank"),
     Touch("vllm.distributed:get_pp_group", "()", CALLS, "seams.parallel.logs_requests"),
@@ -76,6 +89,7 @@ def install() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     patch(GPUModelRunner, "_model_forward", _staged_forward)
+    patch(GPUModelRunner, "_dummy_run", _profiled_dummy_run)
 
 
 def install_worker(runtime: V2DropRuntime, attention_layers) -> None:
@@ -103,12 +117,15 @@ def _staged_forward(original):
         pending = tables.__dict__.pop("_v2drop_pending", None)
         batch = read_batch(self)
         step = runtime.plan_step(batch) if batch is not None else None
+        staging = None
         if step is not None:
+            staging = _step_staging(self, runtime)
+            staging.begin()
             install_stage_metadata(self, runtime, step)
         elif pending is not None and batch is not None:  # the stage groups see the original view
             for table in pending[0]:
                 table.compute_slot_mapping(*pending[1])
-        with runtime.active(step, batch, self.device):
+        with runtime.active(step, batch, self.device, staging):
             out = original(self, *args, **kwargs)
         audit = self.__dict__.get("_v2drop_audit", False)
         if audit is False and groups and groups[0]:  # decided once the KV cache is set up
@@ -120,6 +137,31 @@ def _staged_forward(original):
         return out
 
     return _model_forward
+
+
+def _profiled_dummy_run(dummy_run):
+    def _dummy_run(self, num_tokens, *args, **kwargs):
+        """vLLM's memory-profiling run (``is_profile``) also goes through the drop loop at its size,
+        after vLLM's own forward (which compiles the model): the peak vLLM sizes the KV cache from
+        then covers a drop step's (:meth:`V2DropRuntime.profiling`)."""
+        out = dummy_run(self, num_tokens, *args, **kwargs)
+        runtime = getattr(self.get_model(), "v2drop_runtime", None)
+        if kwargs.get("is_profile") and runtime is not None and runtime.schedule.layers:
+            with runtime.profiling(num_tokens, self.device):
+                out = dummy_run(self, num_tokens, *args, **kwargs)
+        return out
+
+    return _dummy_run
+
+
+def _step_staging(runner, runtime: V2DropRuntime) -> StepStaging:
+    """The runner's staging buffer for V2Drop's per-step host arrays, sized once for the largest
+    step it can be given (:mod:`vllm_v2drop.seams.staging`)."""
+    staging = runner.__dict__.get("_v2drop_staging")
+    if staging is None:
+        size = worst_case_bytes(runner.max_num_tokens, runner.max_num_reqs, len(runtime.schedule.layers))
+        staging = runner._v2drop_staging = StepStaging(runner.device, size)
+    return staging
 
 
 def _builder_key(builder) -> tuple:
@@ -252,9 +294,27 @@ def _stage_groups(runner, runtime: V2DropRuntime, stage: int) -> list[tuple[int,
                 g.layer_names, g.metadata_builders = mine, []
                 with set_current_vllm_config(runner.vllm_config):  # as vLLM builds its own (flash_attn_version)
                     g.create_metadata_builders(runner.vllm_config, runner.device, group.kernel_block_size)
+                share_workspace(group.metadata_builders, g.metadata_builders)
                 groups.append((gid, g))
         cache[stage] = groups
     return cache[stage]
+
+
+def share_workspace(sources, builders) -> None:
+    """Each stage builder uses the attention workspace of the builder it was copied from.
+
+    FlashInfer's builder allocates a scratch workspace of its own (at least 394 MiB) at its first
+    build, which for a stage builder comes after the KV cache was sized: one more per stage would
+    run the GPU out of memory. The workspace is scratch for the attention kernels only (each
+    wrapper keeps its plan in buffers of its own), and the stages' attention runs one after
+    another on one stream, so one serves them all, as vLLM's own runner shares one across
+    KV-cache groups (``set_workspace_buffer``). Builders without a workspace are left alone.
+    """
+    for source, builder in zip(sources, builders):
+        get = getattr(source, "_get_workspace_buffer", None)
+        give = getattr(builder, "set_workspace_buffer", None)
+        if get is not None and give is not None:
+            give(get())
 
 
 def _slot_mapping(table, qsl: torch.Tensor, kv_pos: torch.Tensor, length: int) -> torch.Tensor:
@@ -310,7 +370,6 @@ def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> No
     fc = get_forward_context()
     metadata, slot_mapping = dict(fc.attn_metadata), dict(fc.slot_mapping or {})
     n = step.query_lens.shape[1]
-    device = runner.device
     batch = runner.input_batch
     is_prefilling = torch.from_numpy(batch.num_computed_tokens_cpu[:n] < batch.num_prompt_tokens[:n])
     padded_len = len(next(iter(slot_mapping.values()), ()))  # one length for every group (vLLM's _get_slot_mappings)
@@ -318,12 +377,22 @@ def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> No
         for name in runtime.stage_layer_names(0):
             if name in slot_mapping:
                 slot_mapping[name] = slot_mapping[name][: step.num_rows(0)]
+    staging = runner._v2drop_staging  # begun by the step (_model_forward)
     decode = step.decode
+    # first every stage's host arrays into the step's staging buffer, then one copy to the device
+    staged: dict[int, tuple] = {}
     if decode:  # one row per request in every stage, at seq_len - 1 (the plan's kv_starts)
         qsl_cpu, qsl_dev = runner.query_start_loc.cpu[: n + 1], runner.query_start_loc.gpu[: n + 1]
-        host = device.type == "cpu"  # the plan's arrays serve as the device's
-        if not host:  # one copy to the device for every stage
-            seq_all_dev = torch.from_numpy(step.seq_lens.astype(np.int32)).to(device, non_blocking=True)
+        seq_all = staging.put(step.seq_lens, torch.int32)  # [S+1, n], one array for every stage
+    else:
+        for stage in range(1, step.num_stages + 1):
+            staged[stage] = staged[stage - 1] if stage > 1 and step.same_view_as_before(stage) else (
+                staging.put(step.seq_lens[stage], torch.int32),
+                staging.put(step.query_start_loc(stage), torch.int32),
+                staging.put(step.kv_positions(stage), torch.int64))
+    staging.flush()
+    if decode:
+        seq_all_cpu, seq_all_dev = staging.on_host(seq_all), staging.on_device(seq_all)
     previous: dict[int, tuple] = {}
     for stage in range(1, step.num_stages + 1):
         groups = _stage_groups(runner, runtime, stage)
@@ -334,19 +403,17 @@ def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> No
                     metadata[name], slot_mapping[name] = built, slots_t
             continue
         if decode:
-            # each stage its own arrays: rows of one [S+1, n] tensor given to vLLM 0.32's CPU
+            # each stage its own device array: rows of one [S+1, n] tensor given to vLLM 0.32's CPU
             # attention as seq_lens gave wrong tokens (test_batch_equals_alone)
-            seq_np = step.seq_lens[stage].astype(np.int32)
-            seq_cpu = torch.from_numpy(seq_np)
-            seq_dev = seq_cpu if host else seq_all_dev[stage].clone()
-            kv_pos = torch.from_numpy(step.kv_starts[stage]) if host else seq_dev.to(torch.int64) - 1
-            max_query_len, max_seq_len = 1, int(seq_np.max())
+            seq_cpu = seq_all_cpu[stage]
+            seq_dev = seq_all_dev[stage].clone()
+            kv_pos = seq_dev.to(torch.int64) - 1
+            max_query_len, max_seq_len = 1, int(step.seq_lens[stage].max())
         else:
-            seq_cpu = torch.from_numpy(step.seq_lens[stage].astype(np.int32))
-            seq_dev = seq_cpu.to(device, non_blocking=True)
-            qsl_cpu = torch.from_numpy(step.query_start_loc(stage))
-            qsl_dev = qsl_cpu.to(device, non_blocking=True)
-            kv_pos = torch.from_numpy(step.kv_positions(stage)).to(device, non_blocking=True)
+            seq, qsl, pos = staged[stage]
+            seq_cpu, seq_dev = staging.on_host(seq), staging.on_device(seq)
+            qsl_cpu, qsl_dev = staging.on_host(qsl), staging.on_device(qsl)
+            kv_pos = staging.on_device(pos)
             max_query_len, max_seq_len = int(step.query_lens[stage].max()), int(step.seq_lens[stage].max())
         num_rows = int(kv_pos.shape[0])
         length = num_rows if step.has_candidates else max(num_rows, padded_len)

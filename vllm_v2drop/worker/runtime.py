@@ -36,6 +36,7 @@ from vllm_v2drop.core.request_plan import RequestPlan
 from vllm_v2drop.core.scorers import stage_scores
 from vllm_v2drop.core.selection import kept_rows, segmented_topk_keep
 from vllm_v2drop.core.step_plan import StepPlan
+from vllm_v2drop.seams.staging import StepStaging, worst_case_bytes
 
 logger = logging.getLogger("vllm.v2drop")
 
@@ -55,6 +56,7 @@ class DropStep:
     batch: BatchView | None = None
     kept_log: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     kept_layers: list[int] = field(default_factory=list)  # the stage layer of each kept_log entry
+    rows_run: list[int] = field(default_factory=list)  # rows each stage this rank cut went on with
 
 
 class V2DropRuntime:
@@ -71,6 +73,8 @@ class V2DropRuntime:
         self._describe: Callable[[str], RequestView] | None = None
         self._pending_trace: dict[str, dict[int, dict]] = {}
         self._local = threading.local()
+        self._staging: dict[torch.device, StepStaging] = {}  # for callers without the runner's (tests, benchmarks)
+        self.profiled: list[int] | None = None  # rows per stage of the memory-profiling drop step, once run
 
     # ---- planning ------------------------------------------------------------------------------
     def stage_layer_names(self, stage: int) -> list[str]:
@@ -97,18 +101,30 @@ class V2DropRuntime:
 
     # ---- the forward ---------------------------------------------------------------------------
     @contextmanager
-    def active(self, step: StepPlan | None, batch: BatchView | None, device: torch.device) -> Iterator[None]:
-        """Make ``step`` the drop step seen by :meth:`current` during the model's forward."""
+    def active(self, step: StepPlan | None, batch: BatchView | None, device: torch.device,
+               staging: StepStaging | None = None) -> Iterator[None]:
+        """Make ``step`` the drop step seen by :meth:`current` during the model's forward.
+
+        Its arrays reach ``device`` through ``staging``, the step's buffer the runner adapter has
+        begun (:mod:`vllm_v2drop.seams.staging`); without one, through the runtime's own.
+        """
         drop = None
         if step is not None and step.has_candidates:
-            as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)  # noqa: E731
-            counts = step.seg_counts
+            if staging is None:
+                staging = self._staging.get(device)
+                if staging is None:
+                    staging = self._staging[device] = StepStaging(device, worst_case_bytes(len(step.segment), 1, 1))
+                staging.begin()
+            counts_t = step.seg_counts.T  # [S+1, G]: one row per stage
+            staged = [staging.put(step.segment), staging.put(step.token_index), staging.put(counts_t)]
+            staging.flush()
+            segment, token_index, counts = (staging.on_device(x) for x in staged)
             drop = DropStep(
                 plan=step,
-                segment=as_t(step.segment),
-                token_index=as_t(step.token_index),
-                keep=[as_t(counts[:, s]) for s in range(1, counts.shape[1])],
-                sizes=[as_t(counts[:, s - 1]) for s in range(1, counts.shape[1])],
+                segment=segment,
+                token_index=token_index,
+                keep=[counts[s] for s in range(1, counts.shape[0])],
+                sizes=[counts[s - 1] for s in range(1, counts.shape[0])],
                 batch=batch,
             )
         self._local.drop = drop
@@ -118,6 +134,36 @@ class V2DropRuntime:
             self._local.drop = None
         if drop is not None and self.schedule.trace:
             self._write_trace(drop)
+
+    @contextmanager
+    def profiling(self, num_tokens: int, device: torch.device) -> Iterator[None]:
+        """Make the forward of vLLM's memory-profiling run a drop step of ``num_tokens`` rows.
+
+        vLLM sizes the KV cache from the peak memory of a forward at ``max_num_batched_tokens``;
+        its own runs the compiled model, never the eager drop loop, whose layers, scores and row
+        gathers hold temporaries of their own. This step is the worst the engine can plan: every
+        row a vision candidate of one item, and every stage keeping all its rows (a request may
+        ask for keep ratios of 1.0), so that every gather copies every row. Its arrays are made on
+        the device (nothing to copy); the rows each stage kept go to :attr:`profiled`.
+        """
+        num_stages = len(self.schedule.layers)
+        full = np.full((num_stages + 1, 1), num_tokens, dtype=np.int64)
+        plan = StepPlan(query_lens=full, seq_lens=full, kv_starts=np.zeros_like(full),
+                        segment=np.zeros(num_tokens, np.int64), token_index=np.arange(num_tokens, dtype=np.int64),
+                        seg_counts=full.T.copy(), seg_request=np.zeros(1, np.int64), seg_item=np.zeros(1, np.int64))
+        counts = torch.full((num_stages + 1, 1), num_tokens, dtype=torch.int64, device=device)
+        drop = DropStep(plan=plan, segment=torch.zeros(num_tokens, dtype=torch.int64, device=device),
+                        token_index=torch.arange(num_tokens, device=device),
+                        keep=list(counts[1:]), sizes=list(counts[:-1]))
+        self._local.drop = drop
+        try:
+            yield
+        finally:
+            self._local.drop = None
+        if drop.rows_run:
+            self.profiled = [num_tokens, *drop.rows_run]
+            logger.info("V2Drop: the memory profiling run went through the drop loop (rows per stage %s)",
+                        self.profiled)
 
     def current(self, num_tokens: int) -> DropStep | None:
         """The drop step of the running forward (``num_tokens`` may include CUDA-graph padding)."""
@@ -178,6 +224,7 @@ class V2DropRuntime:
             hidden, residual, rows = hidden[idx_kept], residual[idx_kept], rows[idx_kept]
             positions = positions[..., idx_kept]
             segment, token_index = segment[idx_kept], token_index[idx_kept]
+            drop.rows_run.append(idx_kept.shape[0])
             if sched.trace:
                 drop.kept_log.append((segment, token_index))
                 drop.kept_layers.append(sched.layers[s - 1])
