@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from vllm_v2drop.errors import V2DropStartupError
 from vllm_v2drop.plan import RequestPlan, average_retention, plan_request, solve_keep_ratios
 from vllm_v2drop.presets import PRESETS, default_preset_for, scale_layers
 
@@ -52,7 +53,7 @@ ALLOWED: dict[str, str] = {
 }
 
 
-class V2DropConfigError(ValueError):
+class V2DropConfigError(V2DropStartupError):
     """An invalid V2Drop configuration; the message says which field and what it allows."""
 
     def __init__(self, problem: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+from vllm_v2drop.errors import V2DropStartupError
 from vllm_v2drop.seams import check_seams
 from vllm_v2drop.version import check_vllm_version
 
@@ -98,7 +99,7 @@ def _map_model_impl(registry) -> None:
             return architectures
         out = [ARCHITECTURES.get(a, a) for a in archs]
         if strict and not any(a in V2DROP_ARCHITECTURES for a in out):
-            raise ValueError(_supported_message(archs))
+            raise V2DropStartupError(_supported_message(archs))
         return out
 
     def inspect_model_cls(architectures, model_config):
@@ -141,7 +142,7 @@ class V2DropConfigHook:
             refused.append("vLLM's own video token pruning (--video-pruning-rate > 0)")
         refused += _defeats_stage_metadata(vllm_config)
         if refused:
-            raise ValueError(
+            raise V2DropStartupError(
                 "V2Drop (--model-impl v2drop) cannot run with: " + "; ".join(refused)
                 + ". Drop these options or serve without --model-impl v2drop."
             )
@@ -236,7 +237,7 @@ def _force_runner_and_graphs(vllm_config) -> list[str]:
     if vllm_config.use_v2_model_runner:
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # inherited by the engine processes
         if vllm_config.use_v2_model_runner:
-            raise ValueError(
+            raise V2DropStartupError(
                 "V2Drop (--model-impl v2drop) runs on vLLM's V1 model runner, but this configuration "
                 "requires Model Runner V2. Set VLLM_USE_V2_MODEL_RUNNER=0 or drop the option that needs it."
             )

@@ -33,6 +33,7 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from vllm_v2drop.errors import V2DropStartupError
 from vllm_v2drop.version import installed_vllm_version, supported_text
 
 __all__ = ["SEAMS", "Seam", "Touch", "Mismatch", "V2DropSeamError", "check_seams", "find_mismatches", "seam_message"]
@@ -40,11 +41,8 @@ __all__ = ["SEAMS", "Seam", "Touch", "Mismatch", "V2DropSeamError", "check_seams
 EXACT, CALLS, NAMES = "exact", "calls", "names"
 
 
-class V2DropSeamError(ValueError):
-    """The running vLLM differs from the one V2Drop was written for where V2Drop hooks into it.
-
-    A ``ValueError``, so that vLLM's config validation reports it like its own config errors.
-    """
+class V2DropSeamError(V2DropStartupError):
+    """The running vLLM differs from the one V2Drop was written for where V2Drop hooks into it."""
 
 
 @dataclass(frozen=True)
