@@ -151,8 +151,12 @@ class V2DropConfigHook:
 
         forced = []
         if vllm_config.cache_config.enable_prefix_caching:
-            logger.info("V2Drop prefix caching: blocks before a pruned request's first vision item are shared; "
-                        "text-only and unpruned requests cache as in stock vLLM")
+            logger.info("V2Drop prefix caching: %s; text-only and unpruned requests cache as in stock vLLM",
+                        "a pruned request's blocks are cached per stage, so a later request with the same "
+                        "prefix, images and keep ratios reuses its pruned vision rows and history (kv_mode "
+                        "per_stage)" if schedule.kv_mode == "per_stage" and schedule.layers else
+                        "blocks before a pruned request's first vision item are shared (kv_mode shared; "
+                        "kv_mode per_stage also reuses pruned images)")
         scheduler_config = vllm_config.scheduler_config
         if not scheduler_config.disable_chunked_mm_input:
             scheduler_config.disable_chunked_mm_input = True
