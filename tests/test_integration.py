@@ -85,9 +85,74 @@ def test_unsupported_architecture_fails_with_the_supported_list(tiny_models):
     ],
 )
 def test_bad_config_fails_at_startup(tiny_models, config, expected):
-    msg = startup_error(tiny_models["qwen2-vl"], model_impl="v2drop", additional_config={"v2drop": config})
-    assert "Invalid V2Drop configuration (--additional-config" in msg
-    assert expected in msg
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_v2drop.config import V2DropConfigError
+    from vllm_v2drop.errors import startup_error as unwrap
+
+    args = EngineArgs(model=str(tiny_models["qwen2-vl"]), model_impl="v2drop", additional_config={"v2drop": config})
+    with pytest.raises(Exception) as err:
+        args.create_engine_config()
+    ours = unwrap(err.value)  # the caller can reach V2Drop's own error inside vLLM's wrapper
+    assert isinstance(ours, V2DropConfigError)
+    assert str(ours).startswith("Invalid V2Drop configuration (--additional-config")
+    assert expected in str(ours)
+
+
+def test_uncaught_startup_error_is_one_line(monkeypatch, capsys):
+    """A program that dies of a V2Drop refusal prints its message alone; other errors keep their handler."""
+    import sys
+
+    from pydantic.dataclasses import dataclass
+
+    from vllm_v2drop.config import V2DropConfigError
+    from vllm_v2drop.errors import install_excepthook
+
+    @dataclass
+    class Config:  # raises from __post_init__ as vLLM's VllmConfig runs its config hook
+        bad: bool = True
+
+        def __post_init__(self):
+            if self.bad:
+                raise V2DropConfigError("layers: layer 40 does not exist")
+
+    seen = []
+    monkeypatch.setattr(sys, "excepthook", lambda *a: seen.append(a[1]))
+    install_excepthook()
+    install_excepthook()  # idempotent: one handler, chained once
+    try:
+        Config()
+    except Exception as exc:  # noqa: BLE001
+        wrapped = exc
+    assert type(wrapped).__name__ == "ValidationError"
+    sys.excepthook(type(wrapped), wrapped, wrapped.__traceback__)
+    assert capsys.readouterr().err == (
+        "ERROR: Invalid V2Drop configuration (--additional-config '{\"v2drop\": ...}'): "
+        "layers: layer 40 does not exist\n")
+    assert seen == []
+    other = KeyError("not ours")
+    sys.excepthook(KeyError, other, None)
+    assert seen == [other]
+
+
+def test_vllm_serve_with_a_bad_config_ends_with_one_line(tiny_models, tmp_path):
+    """``vllm serve`` (the real CLI) stops before any engine starts, its last words the one-line message."""
+    import os
+    import subprocess
+    import sys
+
+    vllm = os.path.join(os.path.dirname(sys.executable), "vllm")
+    proc = subprocess.run(
+        [vllm, "serve", str(tiny_models["qwen2-vl"]), "--model-impl", "v2drop",
+         "--additional-config", '{"v2drop": {"layers": [40], "keep_ratios": [0.5]}}'],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1] == (
+        "ERROR: Invalid V2Drop configuration (--additional-config '{\"v2drop\": ...}'): layers: layer 40 does "
+        "not exist in a model with 8 layers (layers must be < 8) (allowed: null or a list of strictly "
+        "increasing integers >= 1 and < the model's layer count)")
+    assert "Traceback" not in proc.stderr and "pydantic" not in proc.stderr
 
 
 def test_refuses_speculative_decoding(tiny_models):

@@ -194,6 +194,9 @@ def test_show_trace_draws_each_stage(tmp_path):
 
     assert infer_grid(48, 224 / 168) == (1, 6, 8)
     assert infer_grid(4 * 16, 1.0, frames=8) == (4, 4, 4)
+    assert infer_grid(2 * 16 * 12 * 12 // 2, 1.0, frames=32) == (16, 12, 12)  # Qwen: 2 frames a patch
+    # LLaVA-OneVision: 16 frames of 4 x 4 pooled patches and one newline row (not a 1 x 257 strip)
+    assert infer_grid(16 * 16 + 1, 1.0, frames=16) == (16, 4, 4)
     rec = {"request_id": "chatcmpl-abc-1", "layers": [1, 5, 6], "items": [
         {"modality": "image", "first": 5, "rows": 48, "kept": [list(range(5, 53, 2)), [5, 9, 20], [20]]},
         {"modality": "video", "first": 60, "rows": 64, "kept": [list(range(60, 124, 4)), [61, 100], [100]]}]}

@@ -12,6 +12,8 @@ __version__ = "0.1.0"
 
 def register() -> None:
     """Entry point of the ``vllm.general_plugins`` group: :func:`vllm_v2drop.seams.install`."""
+    from vllm_v2drop.errors import install_excepthook
     from vllm_v2drop.seams import install
 
+    install_excepthook()  # a start-up refusal ends the program with its one-line message
     install()

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from vllm_v2drop.core.counts import average_retention, solve_keep_ratios
 from vllm_v2drop.core.request_plan import RequestPlan, plan_request
 from vllm_v2drop.core.scorers import SCORERS
+from vllm_v2drop.errors import V2DropStartupError
 from vllm_v2drop.presets import PRESETS, default_preset_for, scale_layers
 
 __all__ = ["ResolvedSchedule", "V2DropConfig", "V2DropConfigError"]
@@ -53,7 +54,7 @@ ALLOWED: dict[str, str] = {
 }
 
 
-class V2DropConfigError(ValueError):
+class V2DropConfigError(V2DropStartupError):
     """An invalid V2Drop configuration; the message says which field and what it allows."""
 
     def __init__(self, problem: str) -> None:

@@ -12,7 +12,8 @@ ratio (a video's ``frames`` is its frame count over the temporal patch size, 2 o
 the frame count itself; ``--grid TxHxW`` sets it). Rows are read in raster order (frame,
 row, column), item row ``i`` at prompt position ``first + i``: exact for items whose
 embedding rows are one contiguous raster (LLaVA-1.5, Qwen2-VL / Qwen2.5-VL images and
-videos); approximate for LLaVA-OneVision / LLaVA-NeXT (tiles plus newline rows). PIL only.
+videos, LLaVA-OneVision videos, whose one trailing newline row is not drawn); approximate for
+LLaVA-OneVision / LLaVA-NeXT images (tiles plus newline rows). PIL only.
 """
 
 from __future__ import annotations
@@ -56,12 +57,23 @@ def _factor(n: int, aspect: float) -> tuple[int, int]:
 
 
 def infer_grid(rows: int, aspect: float, frames: int = 1) -> tuple[int, int, int]:
-    """``(t, h, w)`` patch grid of an item of ``rows`` rows (see the module docstring)."""
-    if frames > 1:
-        for t in (math.ceil(frames / 2), frames):
-            if rows % t == 0:
-                return (t, *_factor(rows // t, aspect))
-    return (1, *_factor(rows, aspect))
+    """``(t, h, w)`` patch grid of an item of ``rows`` rows (see the module docstring).
+
+    Candidates: ``t`` of 1, the frame count or half of it (Qwen's temporal patches), over all
+    ``rows`` or all but a trailing separator row (LLaVA-OneVision ends a video with one newline
+    row: 16 frames of 4 x 4 patches are 257 rows); the one whose frames fit ``aspect`` best wins,
+    a whole-item grid on a tie.
+    """
+    best, best_cost = (1, 1, rows), math.inf
+    for n, penalty in ((rows, 0.0), (rows - 1, 0.05)):
+        for t in sorted({1, math.ceil(frames / 2), frames}):
+            if n < 1 or n % t:
+                continue
+            h, w = _factor(n // t, aspect)
+            cost = abs(math.log(w / h) - math.log(aspect)) + penalty + (0.0 if t > 1 or frames == 1 else 1.0)
+            if cost < best_cost:
+                best, best_cost = (t, h, w), cost
+    return best
 
 
 def load_video(path: str) -> np.ndarray:

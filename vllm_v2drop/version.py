@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 
+from vllm_v2drop.errors import V2DropStartupError
+
 #: vLLM releases this plugin is built and tested for (public versions, any build of them)
 SUPPORTED_VLLM: tuple[str, ...] = ("0.32.0",)
 
@@ -23,11 +25,8 @@ logger = logging.getLogger("vllm.v2drop")
 _warned = False
 
 
-class UnsupportedVLLMError(ValueError):
-    """V2Drop was asked for on a vLLM version it does not support.
-
-    A ``ValueError``, so that vLLM's config validation reports it like its own config errors.
-    """
+class UnsupportedVLLMError(V2DropStartupError):
+    """V2Drop was asked for on a vLLM version it does not support."""
 
 
 def installed_vllm_version() -> str:

@@ -18,6 +18,7 @@ import importlib
 import inspect
 from dataclasses import dataclass
 
+from vllm_v2drop.errors import V2DropStartupError
 from vllm_v2drop.version import installed_vllm_version, supported_text
 
 __all__ = ["CALLS", "EXACT", "NAMES", "Mismatch", "Seam", "Touch", "V2DropSeamError", "check_seam", "seam_message"]
@@ -25,11 +26,8 @@ __all__ = ["CALLS", "EXACT", "NAMES", "Mismatch", "Seam", "Touch", "V2DropSeamEr
 EXACT, CALLS, NAMES = "exact", "calls", "names"
 
 
-class V2DropSeamError(ValueError):
-    """The running vLLM differs from the one V2Drop was written for where V2Drop hooks into it.
-
-    A ``ValueError``, so that vLLM's config validation reports it like its own config errors.
-    """
+class V2DropSeamError(V2DropStartupError):
+    """The running vLLM differs from the one V2Drop was written for where V2Drop hooks into it."""
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import logging
 from vllm_v2drop.core.architectures import ARCHITECTURES, MODEL_IMPL, V2DROP_ARCHITECTURES
 from vllm_v2drop.core.schedule import resolve_schedule
 from vllm_v2drop.engine.per_stage import check_per_stage_supported, describe_layout
+from vllm_v2drop.errors import V2DropStartupError
 from vllm_v2drop.seams._check import CALLS, EXACT, NAMES, Seam, Touch
 from vllm_v2drop.seams._patch import is_patched, patch
 from vllm_v2drop.version import check_vllm_version
@@ -113,7 +114,7 @@ def _map_model_impl(registry) -> None:
             return architectures
         out = [ARCHITECTURES.get(a, a) for a in archs]
         if strict and not any(a in V2DROP_ARCHITECTURES for a in out):
-            raise ValueError(_supported_message(archs))
+            raise V2DropStartupError(_supported_message(archs))
         return out
 
     def wrap(strict: bool):
@@ -160,7 +161,7 @@ class V2DropConfigHook:
             refused.append("vLLM's own video token pruning (--video-pruning-rate > 0)")
         refused += _defeats_stage_metadata(vllm_config)
         if refused:
-            raise ValueError(
+            raise V2DropStartupError(
                 "V2Drop (--model-impl v2drop) cannot run with: " + "; ".join(refused)
                 + ". Drop these options or serve without --model-impl v2drop."
             )
@@ -169,8 +170,12 @@ class V2DropConfigHook:
 
         forced = []
         if vllm_config.cache_config.enable_prefix_caching:
-            logger.info("V2Drop prefix caching: blocks before a pruned request's first vision item are shared; "
-                        "text-only and unpruned requests cache as in stock vLLM")
+            logger.info("V2Drop prefix caching: %s; text-only and unpruned requests cache as in stock vLLM",
+                        "a pruned request's blocks are cached per stage, so a later request with the same "
+                        "prefix, images and keep ratios reuses its pruned vision rows and history (kv_mode "
+                        "per_stage)" if schedule.kv_mode == "per_stage" and schedule.layers else
+                        "blocks before a pruned request's first vision item are shared (kv_mode shared; "
+                        "kv_mode per_stage also reuses pruned images)")
         scheduler_config = vllm_config.scheduler_config
         if not scheduler_config.disable_chunked_mm_input:
             scheduler_config.disable_chunked_mm_input = True
@@ -250,7 +255,7 @@ def _force_runner_and_graphs(vllm_config) -> list[str]:
     if vllm_config.use_v2_model_runner:
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # inherited by the engine processes
         if vllm_config.use_v2_model_runner:
-            raise ValueError(
+            raise V2DropStartupError(
                 "V2Drop (--model-impl v2drop) runs on vLLM's V1 model runner, but this configuration "
                 "requires Model Runner V2. Set VLLM_USE_V2_MODEL_RUNNER=0 or drop the option that needs it."
             )
