@@ -130,6 +130,16 @@ def encoded(llm) -> int:
     return encoder_runs(llm._v2drop_trace)
 
 
+def from_cache_lines(llm) -> list[dict]:
+    """Trace lines of requests whose vision rows all came from the prefix cache."""
+    import glob
+    import json
+
+    lines = [json.loads(line) for p in sorted(glob.glob(f"{llm._v2drop_trace}/v2drop-trace-*.jsonl"))
+             for line in open(p)]
+    return [line for line in lines if line.get("from_prefix_cache")]
+
+
 def test_prefix_caching_is_on(engine):
     llm, _, _ = engine
     assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching is True
@@ -229,6 +239,7 @@ def test_level2_chat_turns_hit_through_the_image(engine):
     other_budget = list(llm.generate([{**reqs[1], "cache_salt": "l2-other"}], SamplingParams(
         temperature=0.0, max_tokens=8, extra_args={"v2drop_target_retention": 0.5}), use_tqdm=False)[0].outputs[0].token_ids)
     llm.reset_prefix_cache()
+    cached_lines = from_cache_lines(llm)
     for i, req in enumerate(reqs):
         llm.llm_engine.reset_encoder_cache()
         before = encoded(llm)
@@ -248,6 +259,11 @@ def test_level2_chat_turns_hit_through_the_image(engine):
         assert reusable > image_end + 2 * BS
         assert image_end < reusable - BS < hits <= reusable, f"turn {i + 1}: {hits} hits"
         assert runs == 0, f"turn {i + 1} ran the vision encoder"
+    # a request served its image from the prefix cache still writes its trace line, saying so
+    added = from_cache_lines(llm)[len(cached_lines):]
+    assert len(added) == (2 if mode == "per_stage" else 0)
+    for line in added:
+        assert [(it["rows"], it["kept"]) for it in line["items"]] == [(image_end - image_start, None)]
     if mode == "per_stage":  # another budget lays the image's rows out differently: no hit past it
         _, hits, tokens = hits_of(llm, reqs[1], v2drop_target_retention=0.5)
         assert tokens == other_budget and hits == (image_start // BS) * BS

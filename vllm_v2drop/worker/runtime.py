@@ -72,6 +72,7 @@ class V2DropRuntime:
         self.planner = BatchPlanner(len(schedule.layers), self._plan_of)
         self._describe: Callable[[str], RequestView] | None = None
         self._pending_trace: dict[str, dict[int, dict]] = {}
+        self._seen_by_trace: set[str] = set()
         self._local = threading.local()
         self._staging: dict[torch.device, StepStaging] = {}  # for callers without the runner's (tests, benchmarks)
         self.profiled: list[int] | None = None  # rows per stage of the memory-profiling drop step, once run
@@ -94,6 +95,8 @@ class V2DropRuntime:
             return None
         self._describe = batch.describe
         self.planner.sync(batch.req_ids)
+        if self.schedule.trace:
+            self._trace_cached(batch)
         step = self.planner.plan(batch.num_computed, batch.num_scheduled)
         if step is not None and step.has_candidates and logs_requests():
             self._log_requests(batch, step)
@@ -312,12 +315,33 @@ class V2DropRuntime:
             self._pending_trace.setdefault(req.req_id, {})[item] = entry
             if item == rplan.num_items - 1:
                 items = [e for _, e in sorted(self._pending_trace.pop(req.req_id).items())]
-                os.makedirs(sched_dir := self.schedule.trace, exist_ok=True)
-                line = json.dumps({"request_id": req.req_id, "layers": drop.kept_layers, "items": items})
-                with open(os.path.join(sched_dir, f"v2drop-trace-{os.getpid()}.jsonl"), "a") as f:
-                    f.write(line + "\n")
+                self._trace_line({"request_id": req.req_id, "layers": drop.kept_layers, "items": items})
         for gone in [k for k in self._pending_trace if k not in self.planner.plans]:  # finished or aborted
             del self._pending_trace[gone]
+
+    def _trace_cached(self, batch: BatchView) -> None:
+        """A pruned request whose vision rows all come from the prefix cache runs no drop step; its
+        trace line, written when it is first scheduled, says so (``"from_prefix_cache": true``,
+        ``kept`` null: the request that computed those rows has them in its own line)."""
+        seen = self._seen_by_trace
+        for i, rid in enumerate(batch.req_ids):  # trace mode only: a debugging aid, not a hot path
+            if rid in seen:
+                continue
+            seen.add(rid)
+            plan = self.planner.plans.get(rid)
+            if plan is None or not plan.num_items or not plan.pruned or batch.num_computed[i] < plan.ends[-1]:
+                continue
+            req = batch.describe(rid)
+            items = [{"modality": self._item_modality(req, pos), "first": int(pos[0]), "rows": int(len(pos)),
+                      "kept": None} for pos in plan.positions]
+            self._trace_line({"request_id": rid, "layers": list(self.schedule.layers), "items": items,
+                              "from_prefix_cache": True})
+        seen.intersection_update(self.planner.plans)  # finished or aborted requests leave
+
+    def _trace_line(self, record: dict) -> None:
+        os.makedirs(self.schedule.trace, exist_ok=True)
+        with open(os.path.join(self.schedule.trace, f"v2drop-trace-{os.getpid()}.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     @staticmethod
     def _item_modality(req: RequestView, positions: np.ndarray) -> str:
