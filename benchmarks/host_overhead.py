@@ -142,7 +142,9 @@ def install_timers(engine) -> None:
     # the coordinator's cache_blocks, every scheduled request and step: vLLM's own in the stock run,
     # V2Drop's override (the prefix-cache cap, its calls of vLLM's method included) in the others
     timed(coordinator_class, "cache_blocks", "cache_blocks")
-    if "get_num_blocks_to_allocate" in vars(coordinator_class):  # V2Drop's per_stage coordinator
+    from vllm_v2drop.seams.kv_cache import V2DropStageCoordinator
+
+    if issubclass(coordinator_class, V2DropStageCoordinator):  # V2Drop's per_stage coordinator
         # it replaces vLLM's per-group loop: its own cost is the time in the override minus the time
         # in the managers' methods it calls (less the inner timer's own overhead, calibrated);
         # vLLM's own loop over the groups is counted as V2Drop's (an upper bound)
@@ -210,15 +212,14 @@ def coordinator_added_ms(engine, repeats: int = 20) -> float:
 
 def guard_added_ms(engine, repeats: int = 20) -> float:
     """What V2Drop's scheduling guard (``vllm_v2drop.seams.scheduler``: a step never ends inside a vision
-    item) adds to one decode step: the wrapped ``Scheduler._try_schedule_encoder_inputs`` against
+    item) adds to one decode step: V2Drop's ``_try_schedule_encoder_inputs`` (its scheduler's override) against
     vLLM's own on the running requests, as the scheduler calls it (one token each; side-effect free
     for a request whose items are all computed), best of ``repeats``."""
     from vllm.v1.core.sched.scheduler import Scheduler
 
     scheduler = engine.engine_core.engine_core.scheduler
-    wrapped = Scheduler._try_schedule_encoder_inputs
-    original = getattr(wrapped, "__wrapped__", None)
-    if original is None:
+    wrapped, original = type(scheduler)._try_schedule_encoder_inputs, Scheduler._try_schedule_encoder_inputs
+    if wrapped is original:  # stock vLLM's scheduler
         return 0.0
     budget = scheduler.max_num_encoder_input_tokens
     calls = [(r, r.num_computed_tokens, 1, budget) for r in scheduler.running if r.has_encoder_inputs]

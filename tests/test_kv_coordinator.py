@@ -1,6 +1,6 @@
 """The scheduler side of ``kv_mode: per_stage`` without an engine: vLLM's own ``KVCacheManager``
 over a per-stage ``KVCacheConfig`` (one group per stage layer, as vLLM groups the tiny models),
-its coordinator made a V2Drop coordinator, driven with ``allocate_slots`` as vLLM's scheduler
+built with V2Drop's coordinator class, driven with ``allocate_slots`` as vLLM's scheduler
 drives it: prefill in chunks that end between items, decode, speculative lookahead, preemption
 (``free``) and recompute, requests interleaved.
 
@@ -30,8 +30,7 @@ def _kv_manager(num_blocks: int):
     from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
 
-    from vllm_v2drop.seams.kv_cache import V2DropCoordinator
-    from vllm_v2drop.seams.kv_cache import V2DropStageSpec
+    from vllm_v2drop.seams.kv_cache import V2DropStageSpec, building
     from vllm_v2drop.seams.kv_cache import install as register_stage_spec
 
     register_stage_spec()
@@ -41,9 +40,10 @@ def _kv_manager(num_blocks: int):
         for i, s in enumerate(STAGES)
     ]
     config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=groups)
-    kv = KVCacheManager(config, max_model_len=8192, scheduler_block_size=BS, hash_block_size=BS,
-                        enable_caching=False)
-    V2DropCoordinator.adopt(kv.coordinator, "test")
+    with building("test"):  # as the V2Drop scheduler builds its manager
+        kv = KVCacheManager(config, max_model_len=8192, scheduler_block_size=BS, hash_block_size=BS,
+                            enable_caching=False)
+    assert type(kv.coordinator).__name__ == "V2DropStageKVCacheCoordinatorNoPrefixCache"
     return kv
 
 

@@ -1,11 +1,11 @@
-"""Scheduler side of ``kv_mode: per_stage``: block counts in compact units.
+"""The KV-cache seam (engine core; the spec also in the workers): block counts in compact units.
 
 vLLM's scheduler counts every request in ORIGINAL tokens (positions, RoPE and
 the sampler stay original). Its KV-cache coordinator hands each group's manager
 ``num_tokens`` = the original token count a request needs slots for.
-:class:`V2DropCoordinator` (whose methods vLLM's own coordinator instance takes when
-its pool holds :class:`V2DropStageManager` groups, vLLM's full-attention manager
-with a stage) converts that count once per request and call to the rows present
+:class:`V2DropStageCoordinator` (the coordinator class vLLM would pick, with V2Drop's methods
+mixed in, chosen once when the V2Drop scheduler builds its KV-cache manager, where the pool holds
+:class:`V2DropStageManager` groups, vLLM's full-attention manager with a stage) converts that count once per request and call to the rows present
 in every stage, ``plan.compact_lens(num_tokens)``, and gives each group its stage's
 count, so a stage-``s`` group holds ``ceil(compact_len(s, n) / block_size)``
 blocks of a request.
@@ -47,11 +47,17 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 from dataclasses import dataclass, replace
 from typing import Any
 
-from vllm.v1.core.kv_cache_coordinator import KVCacheCoordinator
+from vllm.v1.core.kv_cache_coordinator import (
+    HybridKVCacheCoordinator,
+    KVCacheCoordinatorNoPrefixCache,
+    UnitaryKVCacheCoordinator,
+)
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager, SingleTypeKVCacheManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
@@ -61,7 +67,10 @@ from vllm_v2drop.engine.plans import KeyedRequest, StagePlans
 from vllm_v2drop.seams._check import CALLS, EXACT, NAMES, Seam, Touch
 from vllm_v2drop.seams._patch import patch
 
-__all__ = ["SEAM", "V2DropCoordinator", "V2DropStageManager", "V2DropStageSpec", "install", "install_stage_specs"]
+__all__ = [
+    "SEAM", "V2DropCoordinator", "V2DropStageCoordinator", "V2DropStageManager", "V2DropStageSpec", "building",
+    "coordinator_class", "install", "install_stage_specs",
+]
 
 _COORD = "vllm.v1.core.kv_cache_coordinator"
 _STM = "vllm.v1.core.single_type_kv_cache_manager"
@@ -87,11 +96,26 @@ SEAM = Seam("KV-cache coordinator", "engine core: block counts per stage group, 
           EXACT, _BY + "V2DropCoordinator"),
     Touch(f"{_COORD}:KVCacheCoordinator.cache_blocks", "(self, request, num_computed_tokens)", EXACT,
           _BY + "V2DropCoordinator"),
-    # V2DropCoordinator.adopt subclasses whichever of these vLLM picked
+    # coordinator_class mixes V2Drop's methods into whichever of these vLLM's factory would pick
     *(Touch(f"{_COORD}:{cls}.find_longest_cache_hit", "(self, block_hashes, max_cache_hit_length)", EXACT,
             _BY + "V2DropCoordinator")
       for cls in ("KVCacheCoordinator", "KVCacheCoordinatorNoPrefixCache", "UnitaryKVCacheCoordinator",
                   "HybridKVCacheCoordinator")),
+    # vLLM 0.32 has no hook to choose the coordinator class: its factory (a global of the KV-cache
+    # manager's module) is replaced by one that picks as vLLM's does and builds the V2Drop subclass
+    Touch("vllm.v1.core.kv_cache_manager:get_kv_cache_coordinator",
+          "(kv_cache_config, max_model_len, max_in_flight_tokens, use_eagle, enable_caching, enable_kv_cache_events, "
+          "dcp_world_size, pcp_world_size, scheduler_block_size, hash_block_size, metrics_collector=None, "
+          "num_prefill_lookahead=0, allow_partial_hash_hits=True)", EXACT, _BY + "_chosen_once"),
+    Touch(f"{_COORD}:KVCacheCoordinatorNoPrefixCache.__init__",
+          "(self, kv_cache_config, max_model_len, max_in_flight_tokens, use_eagle, enable_kv_cache_events, dcp_world_size, pcp_world_size, scheduler_block_size, hash_block_size, metrics_collector=None, num_prefill_lookahead=0)", CALLS,
+          _BY + "_chosen_once"),
+    Touch(f"{_COORD}:UnitaryKVCacheCoordinator.__init__",
+          "(self, kv_cache_config, max_model_len, max_in_flight_tokens, use_eagle, enable_caching, enable_kv_cache_events, dcp_world_size, pcp_world_size, scheduler_block_size, hash_block_size, metrics_collector=None, num_prefill_lookahead=0)", CALLS,
+          _BY + "_chosen_once"),
+    Touch(f"{_COORD}:HybridKVCacheCoordinator.__init__",
+          "(self, kv_cache_config, max_model_len, max_in_flight_tokens, use_eagle, enable_caching, enable_kv_cache_events, dcp_world_size, pcp_world_size, scheduler_block_size, hash_block_size, metrics_collector=None, num_prefill_lookahead=0, allow_partial_hash_hits=True)", CALLS,
+          _BY + "_chosen_once"),
     Touch(f"{_STM}:FullAttentionManager.__init__", "(self, kv_cache_spec)", NAMES, _BY + "V2DropStageManager"),
     Touch(f"{_STM}:FullAttentionManager.new_step_starts", "(self)", EXACT, _BY + "V2DropStageManager"),
     Touch(f"{_STM}:FullAttentionManager.cache_blocks",
@@ -113,8 +137,8 @@ SEAM = Seam("KV-cache coordinator", "engine core: block counts per stage group, 
           "(*, block_hashes, max_length, kv_cache_group_ids, block_pool, kv_cache_spec, drop_eagle_block, "
           "alignment_tokens)",
           CALLS, _BY + "V2DropCoordinator._v2drop_stage_hit"),
-    Touch(f"{_STM}:SingleTypeKVCacheManager.remove_skipped_blocks", None, NAMES, _BY + "V2DropCoordinator.adopt"),
-    Touch(f"{_STM}:SingleTypeKVCacheManager.get_num_skipped_tokens", None, NAMES, _BY + "V2DropCoordinator.adopt"),
+    Touch(f"{_STM}:SingleTypeKVCacheManager.remove_skipped_blocks", None, NAMES, _BY + "V2DropCoordinator._v2drop_setup"),
+    Touch(f"{_STM}:SingleTypeKVCacheManager.get_num_skipped_tokens", None, NAMES, _BY + "V2DropCoordinator._v2drop_setup"),
     Touch(f"{_SPEC}:KVCacheSpec", None, NAMES, _BY + "V2DropStageSpec"),
     Touch(f"{_SPEC}:FullAttentionSpec.merge", "(specs)", CALLS, _BY + "V2DropStageSpec.merge"),
     Touch(f"{_SPEC}:FullAttentionSpec.is_uniform_with_collection", "(self, kv_cache_specs)", EXACT,
@@ -173,10 +197,11 @@ class V2DropStageManager(FullAttentionManager):
         super().allocate_external_computed_blocks(request_id, local, external, record_for_zeroing)
 
 
-class V2DropCoordinator(KVCacheCoordinator):
-    """What a V2Drop engine's KV-cache coordinator does differently (:meth:`adopt` gives vLLM's
-    coordinator instance these methods): the prefix-cache cap, and in ``kv_mode: per_stage`` its
-    two per-step calls.
+class V2DropCoordinator:
+    """What a V2Drop engine's KV-cache coordinator does differently: the prefix-cache cap (this
+    class), and in ``kv_mode: per_stage`` block counts per stage group (:class:`V2DropStageCoordinator`).
+    Mixed in before the coordinator class vLLM's factory would pick (:func:`coordinator_class`),
+    chosen once when the KV-cache manager is built.
 
     vLLM's coordinator hands every group's manager the same ORIGINAL token counts; here each
     request's counts are compacted once per call for all stages (``plan.compact_lens``) and
@@ -198,102 +223,15 @@ class V2DropCoordinator(KVCacheCoordinator):
     _v2drop_level2: bool  # per_stage with prefix caching: compacted blocks are cached (module docstring)
     _v2drop_stage_groups: tuple  # (stage, group ids, manager class, spec) per stage
 
-    def get_num_blocks_to_allocate(
-        self,
-        request_id: str,
-        num_tokens: int,
-        new_computed_blocks: tuple[Sequence, ...],
-        num_encoder_tokens: int,
-        total_computed_tokens: int,
-        num_local_computed_tokens: int,
-        num_tokens_main_model: int,
-        apply_admission_cap: bool = False,
-        prefill_end: int = 0,
-    ) -> int:
-        if self._v2drop_has_room(request_id, num_tokens) and not any(new_computed_blocks):
-            return 0  # a decode step within the blocks every group holds (most steps)
-        plan = self._v2drop_plans.plans.get(request_id)
-        if plan is None or not plan.pruned:
-            return super(type(self), self).get_num_blocks_to_allocate(
-                request_id, num_tokens, new_computed_blocks, num_encoder_tokens, total_computed_tokens,
-                num_local_computed_tokens, num_tokens_main_model, apply_admission_cap, prefill_end,
-            )
-        lens = plan.compact_lens
-        n = lens(num_tokens)
-        total = n if total_computed_tokens == num_tokens else lens(total_computed_tokens)
-        local = total if num_local_computed_tokens == total_computed_tokens else lens(num_local_computed_tokens)
-        main = n if num_tokens_main_model == num_tokens else lens(num_tokens_main_model)
-        if self.retention_interval != 0:
-            prefill_end = 0
-        blocks = 0
-        for i, (manager, s) in enumerate(zip(self.single_type_managers, self._v2drop_stages)):
-            blocks += manager.get_num_blocks_to_allocate(
-                request_id, n[s], new_computed_blocks[i], total[s], local[s], main[s],
-                apply_admission_cap=apply_admission_cap, prefill_end=prefill_end,
-            )
-        return blocks
-
-    def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int,
-                            num_encoder_tokens: int = 0) -> tuple[list, ...]:
-        if self._v2drop_has_room(request_id, num_tokens):
-            return self._v2drop_no_blocks
-        plan = self._v2drop_plans.plans.get(request_id)
-        if plan is None or not plan.pruned:
-            return super(type(self), self).allocate_new_blocks(request_id, num_tokens, num_tokens_main_model, num_encoder_tokens)
-        n = plan.compact_lens(num_tokens)
-        main = n if num_tokens_main_model == num_tokens else plan.compact_lens(num_tokens_main_model)
-        managers = self.single_type_managers
-        out = tuple(manager.allocate_new_blocks(request_id, n[s], main[s])
-                    for manager, s in zip(managers, self._v2drop_stages))
-        _, last, dropped = plan.summary
-        if num_tokens >= last:  # past its items: stage s holds num_tokens - dropped[s] rows from now on
-            blocks = managers[0].req_to_blocks[request_id]
-            room = min(len(m.req_to_blocks[request_id]) * m.block_size + dropped[s]
-                       for m, s in zip(managers, self._v2drop_stages))
-            self._v2drop_room[request_id] = (last, room, blocks, len(blocks))
-        return out
-
-    def _v2drop_has_room(self, request_id: str, num_tokens: int) -> bool:
-        """Whether every group already holds the blocks ``num_tokens`` need: the request is past its
-        items and below the room recorded at its last allocation (the least of ``blocks x block size
-        + dropped[stage]`` over the groups), and its blocks are still those (the first group's list,
-        same object and length: a freed or preempted request gets a new one).
-
-        A decode step needs a new block in a group once every ``block_size`` tokens; the other
-        steps answer here, without a call per group and request."""
-        room = self._v2drop_room.get(request_id)
-        if room is None or not room[0] <= num_tokens <= room[1]:
-            return False
-        blocks = self.single_type_managers[0].req_to_blocks.get(request_id)
-        if blocks is room[2] and len(blocks) == room[3]:
-            return True
-        del self._v2drop_room[request_id]
-        return False
-
-    def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
-                              num_prompt_tokens: int | None = None) -> None:
-        """vLLM's loop over the groups, skipped where every manager is full attention (it never skips
-        a block): one call per request and step instead of one per group."""
-        if not self._v2drop_full_only:
-            super(type(self), self).remove_skipped_blocks(request_id, processed_computed_tokens, num_prompt_tokens)
-
-    def free(self, request_id: str) -> None:
-        self._v2drop_room.pop(request_id, None)
-        super(type(self), self).free(request_id)
-
-    def pop_blocks_for_free(self, request_id: str) -> list:
-        self._v2drop_room.pop(request_id, None)
-        return super(type(self), self).pop_blocks_for_free(request_id)
-
     # Prefix caching (module docstring): requests whose plan drops rows hit and cache only before
     # their first vision item in ``shared`` mode (Level 1), per stage in compact rows in ``per_stage``.
     def find_longest_cache_hit(self, block_hashes, max_cache_hit_length: int):
         request = self._v2drop_request
         cap = None if request is None else self._v2drop_plans.cache_limit(request)
         if cap is None:
-            return super(type(self), self).find_longest_cache_hit(block_hashes, max_cache_hit_length)
+            return super().find_longest_cache_hit(block_hashes, max_cache_hit_length)
         if not self._v2drop_level2:
-            return super(type(self), self).find_longest_cache_hit(block_hashes, min(cap, max_cache_hit_length))
+            return super().find_longest_cache_hit(block_hashes, min(cap, max_cache_hit_length))
         return self._v2drop_stage_hit(request, block_hashes, max_cache_hit_length)
 
     def _v2drop_stage_hit(self, request, block_hashes, max_length: int):
@@ -337,33 +275,17 @@ class V2DropCoordinator(KVCacheCoordinator):
                 out[gid] = blocks[:keep]
         return tuple(out), resume, 0
 
-    def allocate_new_computed_blocks(self, request_id: str, new_computed_blocks, num_local_computed_tokens: int,
-                                     num_external_computed_tokens: int, skip_zeroing_group_ids=()) -> None:
-        """A per_stage hit: each group takes its blocks with its stage's compact count (a partial
-        last block is vLLM's copy-on-write case)."""
-        self._v2drop_room.pop(request_id, None)
-        plan = self._v2drop_plans.plans.get(request_id)
-        managers = self.single_type_managers
-        if (plan is None or not plan.pruned or num_external_computed_tokens
-                or any(request_id in m.num_cached_block for m in managers)):
-            return super(type(self), self).allocate_new_computed_blocks(
-                request_id, new_computed_blocks, num_local_computed_tokens, num_external_computed_tokens,
-                skip_zeroing_group_ids)
-        local = plan.compact_lens(num_local_computed_tokens)
-        for i, (manager, s) in enumerate(zip(managers, self._v2drop_stages)):
-            manager.add_local_computed_blocks(request_id, new_computed_blocks[i], local[s], 0)
-
     def cache_blocks(self, request, num_computed_tokens: int) -> None:
         later = request.__dict__.get("_v2drop_cache_from")  # (preemptions, tokens): nothing new before
         if later is not None and later[0] == request.num_preemptions and num_computed_tokens < later[1]:
             return  # one dict lookup per request and step; a preempted request's blocks were freed
         cap = self._v2drop_plans.cache_limit(request)
         if cap is None:
-            return super(type(self), self).cache_blocks(request, num_computed_tokens)
+            return super().cache_blocks(request, num_computed_tokens)
         if not self._v2drop_level2:
             if cap <= num_computed_tokens:  # every later call would repeat this one (a no-op)
                 request._v2drop_cache_from = (request.num_preemptions, math.inf)
-            return super(type(self), self).cache_blocks(request, min(cap, num_computed_tokens))
+            return super().cache_blocks(request, min(cap, num_computed_tokens))
         # per_stage: each stage's full compact blocks, stage s >= 1 under its own keys
         plans, size = self._v2drop_plans, self.scheduler_block_size
         rid = request.request_id
@@ -393,28 +315,11 @@ class V2DropCoordinator(KVCacheCoordinator):
                    if s == 0 or q < plan.stable_end]
             request._v2drop_cache_from = (request.num_preemptions, min(nxt, default=math.inf))
 
-    @classmethod
-    def adopt(cls, coordinator, schedule) -> None:
-        """Make ``coordinator`` (vLLM's, of a V2Drop engine) a V2Drop coordinator: the caching methods
-        always, the compaction methods where its pool has V2Drop stage groups (``kv_mode: per_stage``).
-
-        vLLM picks the coordinator class (with or without prefix caching, hybrid or not); the
-        instance becomes a subclass of its own class with these methods (a class of the same
-        object layout, which ``__class__`` assignment requires, hence no mixin).
-        """
+    def _v2drop_setup(self, schedule) -> None:
+        """What the V2Drop methods read, once the managers exist (the end of construction)."""
+        coordinator = self
         managers = coordinator.single_type_managers
         per_stage = any(isinstance(m, V2DropStageManager) for m in managers)
-        base = type(coordinator)
-        if base not in _coordinator_classes.values():
-            names = ["find_longest_cache_hit", "cache_blocks"]
-            if per_stage:
-                names += ["get_num_blocks_to_allocate", "allocate_new_blocks", "allocate_new_computed_blocks",
-                          "_v2drop_stage_hit", "_v2drop_has_room", "remove_skipped_blocks", "free",
-                          "pop_blocks_for_free"]
-            key = (base, per_stage)
-            if key not in _coordinator_classes:
-                _coordinator_classes[key] = type(f"V2Drop{base.__name__}", (base,), {k: cls.__dict__[k] for k in names})
-            coordinator.__class__ = _coordinator_classes[key]
         coordinator._v2drop_plans = StagePlans.of(coordinator.block_pool, schedule)
         coordinator._v2drop_request = None
         coordinator._v2drop_room = {}  # request id -> (last item end, room, first group's blocks, their count)
@@ -438,7 +343,177 @@ class V2DropCoordinator(KVCacheCoordinator):
         )
 
 
-_coordinator_classes: dict[tuple[type, bool], type] = {}
+class V2DropStageCoordinator(V2DropCoordinator):
+    """``kv_mode: per_stage``: each stage group's blocks in the stage's compact rows (see
+    :class:`V2DropCoordinator`)."""
+
+    def get_num_blocks_to_allocate(
+        self,
+        request_id: str,
+        num_tokens: int,
+        new_computed_blocks: tuple[Sequence, ...],
+        num_encoder_tokens: int,
+        total_computed_tokens: int,
+        num_local_computed_tokens: int,
+        num_tokens_main_model: int,
+        apply_admission_cap: bool = False,
+        prefill_end: int = 0,
+    ) -> int:
+        if self._v2drop_has_room(request_id, num_tokens) and not any(new_computed_blocks):
+            return 0  # a decode step within the blocks every group holds (most steps)
+        plan = self._v2drop_plans.plans.get(request_id)
+        if plan is None or not plan.pruned:
+            return super().get_num_blocks_to_allocate(
+                request_id, num_tokens, new_computed_blocks, num_encoder_tokens, total_computed_tokens,
+                num_local_computed_tokens, num_tokens_main_model, apply_admission_cap, prefill_end,
+            )
+        lens = plan.compact_lens
+        n = lens(num_tokens)
+        total = n if total_computed_tokens == num_tokens else lens(total_computed_tokens)
+        local = total if num_local_computed_tokens == total_computed_tokens else lens(num_local_computed_tokens)
+        main = n if num_tokens_main_model == num_tokens else lens(num_tokens_main_model)
+        if self.retention_interval != 0:
+            prefill_end = 0
+        blocks = 0
+        for i, (manager, s) in enumerate(zip(self.single_type_managers, self._v2drop_stages)):
+            blocks += manager.get_num_blocks_to_allocate(
+                request_id, n[s], new_computed_blocks[i], total[s], local[s], main[s],
+                apply_admission_cap=apply_admission_cap, prefill_end=prefill_end,
+            )
+        return blocks
+
+    def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int,
+                            num_encoder_tokens: int = 0) -> tuple[list, ...]:
+        if self._v2drop_has_room(request_id, num_tokens):
+            return self._v2drop_no_blocks
+        plan = self._v2drop_plans.plans.get(request_id)
+        if plan is None or not plan.pruned:
+            return super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model, num_encoder_tokens)
+        n = plan.compact_lens(num_tokens)
+        main = n if num_tokens_main_model == num_tokens else plan.compact_lens(num_tokens_main_model)
+        managers = self.single_type_managers
+        out = tuple(manager.allocate_new_blocks(request_id, n[s], main[s])
+                    for manager, s in zip(managers, self._v2drop_stages))
+        _, last, dropped = plan.summary
+        if num_tokens >= last:  # past its items: stage s holds num_tokens - dropped[s] rows from now on
+            blocks = managers[0].req_to_blocks[request_id]
+            room = min(len(m.req_to_blocks[request_id]) * m.block_size + dropped[s]
+                       for m, s in zip(managers, self._v2drop_stages))
+            self._v2drop_room[request_id] = (last, room, blocks, len(blocks))
+        return out
+
+    def _v2drop_has_room(self, request_id: str, num_tokens: int) -> bool:
+        """Whether every group already holds the blocks ``num_tokens`` need: the request is past its
+        items and below the room recorded at its last allocation (the least of ``blocks x block size
+        + dropped[stage]`` over the groups), and its blocks are still those (the first group's list,
+        same object and length: a freed or preempted request gets a new one).
+
+        A decode step needs a new block in a group once every ``block_size`` tokens; the other
+        steps answer here, without a call per group and request."""
+        room = self._v2drop_room.get(request_id)
+        if room is None or not room[0] <= num_tokens <= room[1]:
+            return False
+        blocks = self.single_type_managers[0].req_to_blocks.get(request_id)
+        if blocks is room[2] and len(blocks) == room[3]:
+            return True
+        del self._v2drop_room[request_id]
+        return False
+
+    def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
+                              num_prompt_tokens: int | None = None) -> None:
+        """vLLM's loop over the groups, skipped where every manager is full attention (it never skips
+        a block): one call per request and step instead of one per group."""
+        if not self._v2drop_full_only:
+            super().remove_skipped_blocks(request_id, processed_computed_tokens, num_prompt_tokens)
+
+    def free(self, request_id: str) -> None:
+        self._v2drop_room.pop(request_id, None)
+        super().free(request_id)
+
+    def pop_blocks_for_free(self, request_id: str) -> list:
+        self._v2drop_room.pop(request_id, None)
+        return super().pop_blocks_for_free(request_id)
+
+    def allocate_new_computed_blocks(self, request_id: str, new_computed_blocks, num_local_computed_tokens: int,
+                                     num_external_computed_tokens: int, skip_zeroing_group_ids=()) -> None:
+        """A per_stage hit: each group takes its blocks with its stage's compact count (a partial
+        last block is vLLM's copy-on-write case)."""
+        self._v2drop_room.pop(request_id, None)
+        plan = self._v2drop_plans.plans.get(request_id)
+        managers = self.single_type_managers
+        if (plan is None or not plan.pruned or num_external_computed_tokens
+                or any(request_id in m.num_cached_block for m in managers)):
+            return super().allocate_new_computed_blocks(
+                request_id, new_computed_blocks, num_local_computed_tokens, num_external_computed_tokens,
+                skip_zeroing_group_ids)
+        local = plan.compact_lens(num_local_computed_tokens)
+        for i, (manager, s) in enumerate(zip(managers, self._v2drop_stages)):
+            manager.add_local_computed_blocks(request_id, new_computed_blocks[i], local[s], 0)
+
+
+# The coordinator classes vLLM 0.32's ``get_kv_cache_coordinator`` picks from, each with V2Drop's
+# methods mixed in first: with or without the per-stage counts.
+_COORDINATORS: dict[tuple[type, bool], type] = {}
+for _base in (KVCacheCoordinatorNoPrefixCache, UnitaryKVCacheCoordinator, HybridKVCacheCoordinator):
+    for _per_stage, _mixin in ((False, V2DropCoordinator), (True, V2DropStageCoordinator)):
+        _COORDINATORS[_base, _per_stage] = type(f"V2Drop{'Stage' if _per_stage else ''}{_base.__name__}", (_mixin, _base),
+                                                {"__module__": __name__})
+
+
+def coordinator_class(base: type, per_stage: bool) -> type:
+    """The V2Drop coordinator class over ``base`` (the class vLLM's factory picks)."""
+    return _COORDINATORS[base, per_stage]
+
+
+_building: ContextVar = ContextVar("v2drop_building", default=None)
+
+
+@contextmanager
+def building(schedule):
+    """KV-cache managers built inside get a V2Drop coordinator for ``schedule`` (the V2Drop
+    scheduler builds its manager inside)."""
+    token = _building.set(schedule)
+    try:
+        yield
+    finally:
+        _building.reset(token)
+
+
+def _chosen_once(get_kv_cache_coordinator):
+    """vLLM's coordinator factory, called by ``KVCacheManager.__init__``: inside :func:`building`, the
+    class vLLM would pick with V2Drop's methods mixed in (the same selection and arguments as
+    vLLM 0.32's factory; vLLM offers no hook to choose the coordinator class)."""
+
+    def v2drop_get_kv_cache_coordinator(kv_cache_config, max_model_len, max_in_flight_tokens, use_eagle,
+                                        enable_caching, enable_kv_cache_events, dcp_world_size, pcp_world_size,
+                                        scheduler_block_size, hash_block_size, metrics_collector=None,
+                                        num_prefill_lookahead=0, allow_partial_hash_hits=True):
+        schedule = _building.get()
+        common = dict(dcp_world_size=dcp_world_size, pcp_world_size=pcp_world_size,
+                      scheduler_block_size=scheduler_block_size, hash_block_size=hash_block_size,
+                      metrics_collector=metrics_collector, num_prefill_lookahead=num_prefill_lookahead)
+        if schedule is None:
+            return get_kv_cache_coordinator(
+                kv_cache_config, max_model_len, max_in_flight_tokens, use_eagle, enable_caching,
+                enable_kv_cache_events, allow_partial_hash_hits=allow_partial_hash_hits, **common)
+        per_stage = any(isinstance(g.kv_cache_spec, V2DropStageSpec) for g in kv_cache_config.kv_cache_groups)
+        head = (kv_cache_config, max_model_len, max_in_flight_tokens, use_eagle)
+        if not enable_caching:
+            cls = coordinator_class(KVCacheCoordinatorNoPrefixCache, per_stage)
+            coordinator = cls(*head, enable_kv_cache_events, **common)
+        elif len(kv_cache_config.kv_cache_groups) == 1:
+            cls = coordinator_class(UnitaryKVCacheCoordinator, per_stage)
+            coordinator = cls(*head, enable_caching, enable_kv_cache_events, **common)
+        else:
+            cls = coordinator_class(HybridKVCacheCoordinator, per_stage)
+            coordinator = cls(*head, enable_caching, enable_kv_cache_events,
+                              allow_partial_hash_hits=allow_partial_hash_hits, **common)
+        coordinator._v2drop_setup(schedule)
+        return coordinator
+
+    return v2drop_get_kv_cache_coordinator
+
+
 
 
 # ------------------------------------------------------------------------------------ the KV spec
@@ -517,8 +592,11 @@ def install() -> None:
     """
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
+    from vllm.v1.core import kv_cache_manager
+
     KVCacheSpecRegistry._ensure_registered()
     KVCacheSpecRegistry.register(V2DropStageSpec, V2DropStageManager, uniform_type_base_spec=V2DropStageSpec)
+    patch(kv_cache_manager, "get_kv_cache_coordinator", _chosen_once)
 
 
 def refuse_flashinfer(attention_layers) -> None:

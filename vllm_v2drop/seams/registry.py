@@ -160,6 +160,11 @@ class V2DropConfigHook:
             # Qwen3-VL's EVS: its video placeholders then mark timestamp text rows as embedding rows
             refused.append("vLLM's own video token pruning (--video-pruning-rate > 0)")
         refused += _defeats_stage_metadata(vllm_config)
+        from vllm_v2drop.seams.scheduler import SCHEDULER_CLS
+
+        if vllm_config.scheduler_config.scheduler_cls not in (None, SCHEDULER_CLS):
+            refused.append(f"another scheduler class (--scheduler-cls {vllm_config.scheduler_config.scheduler_cls}): "
+                           "V2Drop's scheduler is vLLM's own with V2Drop's parts")
         if refused:
             raise V2DropStartupError(
                 "V2Drop (--model-impl v2drop) cannot run with: " + "; ".join(refused)
@@ -177,6 +182,8 @@ class V2DropConfigHook:
                         "blocks before a pruned request's first vision item are shared (kv_mode shared; "
                         "kv_mode per_stage also reuses pruned images)")
         scheduler_config = vllm_config.scheduler_config
+        # vLLM's hook for a scheduler subclass: whole vision items per step, the V2Drop KV-cache coordinator
+        scheduler_config.scheduler_cls = SCHEDULER_CLS
         if not scheduler_config.disable_chunked_mm_input:
             scheduler_config.disable_chunked_mm_input = True
             forced.append("multimodal items never split across prefill chunks (disable_chunked_mm_input)")

@@ -11,8 +11,8 @@ stops exactly at an item's start (the guard itself stops it there, e.g. the
 children of an ``n > 1`` request or a request that lost the token budget to
 others) could then get only part of the item in its next step.
 
-:func:`install` wraps ``Scheduler._try_schedule_encoder_inputs`` (inherited by
-``AsyncScheduler``): for a V2Drop engine, the tokens it is offered are first cut
+:class:`V2DropScheduler` overrides ``Scheduler._try_schedule_encoder_inputs`` (inherited by
+``AsyncScheduler``): the tokens it is offered are first cut
 with :func:`vllm_v2drop.core.step_plan.whole_item_limit`, so the step ends before an item it
 cannot hold whole (0 tokens: the request waits, as vLLM makes it wait for encoder
 budget). Every cut vLLM applies after this call (prefill lookahead, Mamba
@@ -24,13 +24,19 @@ The KV-cache manager learns each request's plan here too: ``KVCacheManager.get_c
 is where the scheduler first hands it a ``Request`` it admits (new, or resumed after preemption:
 vLLM looks up the prefix cache of every request it schedules from 0), so the plan is built there,
 once, and the prefix-cache lookup capped; ``free`` / ``pop_blocks_for_free`` drop the plan of a
-finished request; ``Scheduler.__init__`` makes the KV-cache coordinator of a V2Drop engine a
-V2Drop coordinator (:mod:`vllm_v2drop.seams.kv_cache`). Every wrapper does nothing for other models.
+finished request (wrapped: vLLM's scheduler builds its KV-cache manager itself, so there is no hook
+for a subclass; the wrappers do nothing for other models). The rest is :class:`V2DropScheduler`,
+vLLM's own scheduler class with V2Drop's parts, which the config hook sets as the engine's
+``scheduler_cls`` (vLLM's hook for a scheduler subclass): the guard above, the KV-cache coordinator
+(:mod:`vllm_v2drop.seams.kv_cache`, chosen when the scheduler builds its KV-cache manager) and
+every vision item's data sent to the worker.
 """
 
 from __future__ import annotations
 
-from vllm_v2drop.core.architectures import is_v2drop_model
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.scheduler import Scheduler
+
 from vllm_v2drop.core.schedule import resolve_schedule
 from vllm_v2drop.engine.items import item_bounds
 from vllm_v2drop.engine.plans import StagePlans
@@ -44,24 +50,21 @@ _SCHED = "vllm.v1.core.sched.scheduler"
 _KVM = "vllm.v1.core.kv_cache_manager"
 
 SEAM = Seam("scheduler", "engine core: whole vision items per step; each request's plan reaches the KV cache", (
-    Touch(f"{_SCHED}:Scheduler.__init__", "(self)", NAMES, "seams.scheduler.install"),
+    # vLLM's hook for a scheduler subclass (SchedulerConfig.scheduler_cls), set by the config hook
+    Touch("vllm.config:SchedulerConfig.get_scheduler_cls", "(self)", NAMES, "seams.registry.V2DropConfigHook"),
+    Touch(f"{_SCHED}:Scheduler.__init__", "(self, vllm_config)", NAMES, "seams.scheduler.V2DropScheduler"),
     Touch(f"{_SCHED}:Scheduler._try_schedule_encoder_inputs",
           "(self, request, num_computed_tokens, num_new_tokens, encoder_compute_budget, shift_computed_tokens=0)",
-          EXACT, "seams.scheduler.install",
+          EXACT, "seams.scheduler.V2DropScheduler",
           inherited_by=("vllm.v1.core.sched.async_scheduler:AsyncScheduler",)),
+    Touch("vllm.v1.core.sched.async_scheduler:AsyncScheduler", None, NAMES, "seams.scheduler.V2DropScheduler"),
+    # vLLM's scheduler builds its KV-cache manager itself: no hook for a subclass, so these are wrapped
     Touch(f"{_KVM}:KVCacheManager.get_computed_blocks", "(self, request)", EXACT, "seams.scheduler.install"),
     Touch(f"{_KVM}:KVCacheManager.free", "(self, request)", EXACT, "seams.scheduler.install"),
     Touch(f"{_KVM}:KVCacheManager.pop_blocks_for_free", "(self, request)", EXACT, "seams.scheduler.install"),
     Touch("vllm.v1.core.sched.output:strip_covered_mm_data", "(mm_features, num_computed_tokens, uses_mrope=False)",
-          EXACT, "seams.scheduler._keep_mm_data"),
+          EXACT, "seams.scheduler.V2DropScheduler"),
 ))
-
-
-def _is_v2drop(scheduler) -> bool:
-    flag = scheduler.__dict__.get("_v2drop_whole_items")
-    if flag is None:
-        flag = scheduler._v2drop_whole_items = is_v2drop_model(scheduler.vllm_config)
-    return flag
 
 
 def _keep_mm_data(strip_covered_mm_data):
@@ -79,40 +82,63 @@ def _keep_mm_data(strip_covered_mm_data):
     return keep_mm_data
 
 
+class _V2DropScheduling:
+    """What a V2Drop engine's scheduler adds to vLLM's: whole vision items per step, the V2Drop
+    KV-cache coordinator, every vision item's data sent to the worker (module docstring)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        from vllm.v1.core.sched import output
+
+        from vllm_v2drop.seams.kv_cache import building
+
+        vllm_config = kwargs["vllm_config"] if "vllm_config" in kwargs else args[0]
+        with building(resolve_schedule(vllm_config)):  # its KV-cache manager gets the V2Drop coordinator
+            super().__init__(*args, **kwargs)
+        # vLLM's module function, called inside ``schedule()`` (``NewRequestData.from_request``): no hook
+        patch(output, "strip_covered_mm_data", _keep_mm_data)
+
+    def _try_schedule_encoder_inputs(self, request, num_computed_tokens, num_new_tokens, encoder_compute_budget,
+                                     shift_computed_tokens=0):
+        # called for every running multimodal request and step; a decode step pays one dict lookup
+        # and one comparison
+        last_end = request.__dict__.get("_v2drop_last_end")  # a Python int once computed
+        if last_end is None:
+            ends = item_bounds(request)[1] if request.mm_features else ()
+            last_end = request._v2drop_last_end = int(ends[-1]) if len(ends) else -1
+        if num_computed_tokens < last_end and num_new_tokens > 0:
+            starts, ends = item_bounds(request)
+            num_new_tokens = whole_item_limit(starts, ends, num_computed_tokens, num_new_tokens)
+        return super()._try_schedule_encoder_inputs(request, num_computed_tokens, num_new_tokens,
+                                                    encoder_compute_budget, shift_computed_tokens)
+
+
+class _V2DropSyncScheduler(_V2DropScheduling, Scheduler):
+    pass
+
+
+class _V2DropAsyncScheduler(_V2DropScheduling, AsyncScheduler):
+    pass
+
+
+class V2DropScheduler:
+    """The ``scheduler_cls`` of a V2Drop engine (set by the config hook): vLLM's ``Scheduler`` or
+    ``AsyncScheduler`` with V2Drop's parts, whichever the engine's final config asks for (the config
+    hook runs before vLLM settles ``async_scheduling``)."""
+
+    def __new__(cls, *args, **kwargs):
+        vllm_config = kwargs["vllm_config"] if "vllm_config" in kwargs else args[0]
+        chosen = _V2DropAsyncScheduler if vllm_config.scheduler_config.async_scheduling else _V2DropSyncScheduler
+        return chosen(*args, **kwargs)
+
+
+SCHEDULER_CLS = f"{__name__}.V2DropScheduler"
+
+
 def install() -> None:
-    """Wrap vLLM's scheduler and KV-cache manager (engine core; idempotent, see ``_patch``)."""
+    """Wrap vLLM's KV-cache manager (engine core; idempotent, see ``_patch``): the scheduler builds
+    it itself, so there is no hook for a subclass. The rest of the scheduler side is
+    :class:`V2DropScheduler`, which the config hook sets as the engine's ``scheduler_cls``."""
     from vllm.v1.core.kv_cache_manager import KVCacheManager
-    from vllm.v1.core.sched.scheduler import Scheduler
-
-    def whole_items(original):
-        def _try_schedule_encoder_inputs(self, request, num_computed_tokens, num_new_tokens, encoder_compute_budget,
-                                         shift_computed_tokens=0):
-            # vLLM 0.32's signature spelled out (no *args / **kwargs packing): called for every running
-            # multimodal request and step; a decode step pays one dict lookup and one comparison
-            last_end = request.__dict__.get("_v2drop_last_end")  # a Python int once computed
-            if last_end is None:
-                ends = item_bounds(request)[1] if request.mm_features and _is_v2drop(self) else ()
-                last_end = request._v2drop_last_end = int(ends[-1]) if len(ends) else -1
-            if num_computed_tokens < last_end and num_new_tokens > 0:
-                starts, ends = item_bounds(request)
-                num_new_tokens = whole_item_limit(starts, ends, num_computed_tokens, num_new_tokens)
-            return original(self, request, num_computed_tokens, num_new_tokens, encoder_compute_budget,
-                            shift_computed_tokens)
-
-        return _try_schedule_encoder_inputs
-
-    def v2drop_coordinator(init):
-        def __init__(self, *args, **kwargs):
-            init(self, *args, **kwargs)
-            if is_v2drop_model(self.vllm_config):
-                from vllm.v1.core.sched import output
-
-                from vllm_v2drop.seams.kv_cache import V2DropCoordinator
-
-                V2DropCoordinator.adopt(self.kv_cache_manager.coordinator, resolve_schedule(self.vllm_config))
-                patch(output, "strip_covered_mm_data", _keep_mm_data)
-
-        return __init__
 
     def plans_known(get_computed_blocks):
         def _get_computed_blocks(self, request):
@@ -139,8 +165,6 @@ def install() -> None:
 
         return _free
 
-    patch(Scheduler, "_try_schedule_encoder_inputs", whole_items)
-    patch(Scheduler, "__init__", v2drop_coordinator)
     patch(KVCacheManager, "get_computed_blocks", plans_known)
     patch(KVCacheManager, "free", plans_forgotten)
     patch(KVCacheManager, "pop_blocks_for_free", plans_forgotten)
