@@ -128,6 +128,7 @@ class QualityProbe:
         self.watched[request.request_id] = _Watched(
             self.template(request), getattr(request, "external_req_id", None), len(request.prompt_token_ids),
             modality_label(modalities), float(retention))
+        self._set_watched()
         return True
 
     # ---- following the answer --------------------------------------------------------------------
@@ -146,12 +147,14 @@ class QualityProbe:
             if reason is None and out.request_id not in stopped:
                 continue
             del watched[out.request_id]
+            self._set_watched()
             if reason is None or reason in self.normal_finishes:
                 self._start(out.request_id, w)
 
     def on_abort(self, request_ids) -> None:
         for rid in request_ids:
             self.watched.pop(rid, None)
+        self._set_watched()
 
     def _start(self, request_id: str, w: _Watched) -> None:
         if not w.tokens:
@@ -250,6 +253,10 @@ class QualityProbe:
         if self._prom is not None:
             self._prom["in_flight"].set(len(self.shadows))
 
+    def _set_watched(self) -> None:
+        if self._prom is not None:
+            self._prom["watched"].set(len(self.watched))
+
 
 #: Prometheus metric names -> what they show (beside :data:`vllm_v2drop.frontend.stats.METRICS`).
 PROBE_METRICS: dict[str, str] = {
@@ -262,6 +269,7 @@ PROBE_METRICS: dict[str, str] = {
                                      "log p(answer token) under the unpruned model, in nats.",
     "vllm:v2drop_probe_prompt_tokens": "Prompt tokens prefilled by the quality probe's shadows (not client usage).",
     "vllm:v2drop_probe_in_flight": "Quality-probe shadows running now.",
+    "vllm:v2drop_probe_watched": "Running requests chosen for the quality probe (probed when they finish).",
 }
 
 
@@ -283,4 +291,6 @@ def _prometheus_metrics(probe: QualityProbe) -> dict:
         "prompt_tokens": make_metric(Counter, "vllm:v2drop_probe_prompt_tokens", PROBE_METRICS).labels(model),
         "in_flight": make_metric(Gauge, "vllm:v2drop_probe_in_flight", PROBE_METRICS,
                                  multiprocess_mode="livesum").labels(model),
+        "watched": make_metric(Gauge, "vllm:v2drop_probe_watched", PROBE_METRICS,
+                               multiprocess_mode="livesum").labels(model),
     }
