@@ -223,3 +223,14 @@ def test_a_failed_shadow_counts_as_error():
     p.after_outputs([out("a", [7], finish=STOP)])
     p.take_shadow_outputs([out("a-shadow", finish=ABORT)])
     assert p.totals["skipped"]["error"] == 1 and p.totals["requests"] == 0 and not p.shadows
+
+
+def test_a_shadow_that_never_answers_frees_its_slot(monkeypatch):
+    p, sent = make_probe(max_in_flight=1)
+    for rid in ("a", "b"):
+        consider(p, rid)
+    p.after_outputs([out("a", [7], finish=STOP)])
+    monkeypatch.setattr(QualityProbe, "STALE_AFTER_S", -1.0)  # every running shadow is stale now
+    p.after_outputs([out("b", [7], finish=STOP)])
+    assert [t for t, _ in sent] == ["a", "b"] and list(p.shadows) == ["b-shadow"]
+    assert p.totals["skipped"]["error"] == 1 and p.totals["skipped"]["in_flight"] == 0

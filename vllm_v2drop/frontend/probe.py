@@ -61,6 +61,9 @@ class ProbeResult:
     tokens: int
     agreement: float
     logprob_gap: float
+    prompt_tokens: int = 0
+    vision_rows: int = 0  # the request's vision rows entering the LLM
+    vision_rows_per_layer: tuple = ()  # of them, present in each decoder layer
 
 
 @dataclass
@@ -70,6 +73,8 @@ class _Watched:  # a request to probe once it finishes
     prompt_len: int
     modality: str
     retention: float
+    vision_rows: int = 0
+    vision_rows_per_layer: tuple = ()
     tokens: list = field(default_factory=list)
 
 
@@ -117,7 +122,7 @@ class QualityProbe:
 
     # ---- choosing ------------------------------------------------------------------------------
     def consider(self, request, *, pruned: bool, choice: bool | None, modalities: Iterable[str],
-                 retention: float) -> bool:
+                 retention: float, vision_rows: int = 0, vision_rows_per_layer: tuple = ()) -> bool:
         """At admission: watch ``request`` if it is to be probed (``choice``: its ``v2drop_probe``)."""
         if choice is False or request.request_id in self.watched:
             return False
@@ -127,7 +132,7 @@ class QualityProbe:
             return False  # streamed inputs, prompt embeddings: no single prompt to replay
         self.watched[request.request_id] = _Watched(
             self.template(request), getattr(request, "external_req_id", None), len(request.prompt_token_ids),
-            modality_label(modalities), float(retention))
+            modality_label(modalities), float(retention), int(vision_rows), tuple(vision_rows_per_layer))
         self._set_watched()
         return True
 
@@ -160,6 +165,8 @@ class QualityProbe:
         if not w.tokens:
             return
         if len(self.shadows) >= self.max_in_flight:
+            self._drop_stale()
+        if len(self.shadows) >= self.max_in_flight:
             return self._skip("in_flight", request_id)
         if self.waiting() > self.max_waiting:
             return self._skip("queue", request_id)
@@ -177,6 +184,17 @@ class QualityProbe:
         self._set_in_flight()
 
     # ---- the shadows ------------------------------------------------------------------------------
+    #: A shadow with no output for this long is given up (an engine that never answers must not
+    #: hold a slot forever); it counts as ``error``.
+    STALE_AFTER_S = 600.0
+    #: ``results`` (offline only) keeps at most this many, the newest.
+    MAX_RESULTS = 100_000
+
+    def _drop_stale(self) -> None:
+        limit = time.monotonic() - self.STALE_AFTER_S
+        for sid in [sid for sid, s in self.shadows.items() if s.started < limit]:
+            self.finish(sid, ok=False)
+
     def take_shadow_outputs(self, outputs) -> list:
         """The outputs that are not shadows'; the shadows' are consumed here."""
         shadows = self.shadows
@@ -226,8 +244,11 @@ class QualityProbe:
         bucket = retention_bucket(w.retention)
         self.totals["requests"] += 1
         if self.results is not None:
+            if len(self.results) >= self.MAX_RESULTS:
+                del self.results[: self.MAX_RESULTS // 2]
             self.results.append(ProbeResult(s.request_id, w.external_id, w.modality, w.retention, a.tokens,
-                                            a.agreement, a.logprob_gap))
+                                            a.agreement, a.logprob_gap, w.prompt_len, w.vision_rows,
+                                            w.vision_rows_per_layer))
         p = self._prom
         if p is not None:
             p["requests"].inc()

@@ -123,7 +123,9 @@ class FrontendStats:
             self.probe.consider(
                 request, pruned=reason is None, choice=probe_choice(view.extra_args, self.schedule),
                 modalities=[it.modality for it in view.items if it.modality in self.schedule.modalities],
-                retention=retention_of(self.schedule, plan))
+                retention=retention_of(self.schedule, plan), vision_rows=plan.total_vision_rows,
+                vision_rows_per_layer=plan.rows_per_layer(self.schedule.layers, self.schedule.num_layers)
+                if plan.pruned else [plan.total_vision_rows] * self.schedule.num_layers)
 
     def on_outputs(self, outputs) -> None:
         """``OutputProcessor.process_outputs``: count a request at its first token; blocks at its end."""
