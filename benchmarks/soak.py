@@ -358,7 +358,10 @@ class Soak:
     async def probe_counts(self) -> dict:
         """The quality probe's totals: requests probed, skipped by reason, mean agreement."""
         text = (await self.http.get(f"{self.url}/metrics", timeout=10)).text
-        total = lambda name: sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))  # noqa: E731
+
+        def total(name: str) -> float:
+            return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
         skipped = {m[1]: int(float(m[2])) for m in re.finditer(
             r'^vllm:v2drop_probe_skipped_total\{[^}]*reason="(\w+)"[^}]*\} (\S+)$', text, re.M)}
         n = total("vllm:v2drop_probe_agreement_count")
@@ -421,7 +424,8 @@ def summarize(out: dict, log_text: str, alive: bool) -> dict:
         "no_v2drop_traceback": log["v2drop_tracebacks"] == 0,
     }
     if out["probe"] is not None:  # the probe ran, and no shadow failed
-        res["checks"]["probe_ran_without_error"] = out["probe"]["requests"] > 0 and not out["probe"]["skipped"].get("error")
+        probe = out["probe"]
+        res["checks"]["probe_ran_without_error"] = probe["requests"] > 0 and not probe["skipped"].get("error")
     res["ok"] = all(res["checks"].values())
     return res
 

@@ -101,9 +101,9 @@ class QualityProbe:
     ``normal_finishes`` are the finish reasons of an answer that completed (stop, length).
     """
 
-    def __init__(self, settings, *, template: Callable, submit: Callable, waiting: Callable[[], int], normal_finishes: Iterable,
-                 max_model_len: int | None = None, model_name: str = "", prometheus: bool = False,
-                 collect: bool = False, rng: Callable[[], float] = random.random) -> None:
+    def __init__(self, settings, *, template: Callable, submit: Callable, waiting: Callable[[], int],
+                 normal_finishes: Iterable, max_model_len: int | None = None, model_name: str = "",
+                 prometheus: bool = False, collect: bool = False, rng: Callable[[], float] = random.random) -> None:
         self.rate = float(settings.rate)
         self.max_in_flight = int(settings.max_in_flight)
         self.max_waiting = int(settings.max_waiting)
