@@ -134,7 +134,8 @@ def test_dry_run_results_fail_where_they_should(dry_run):
     out, report = dry_run
     run, results, logs = _raw(out, report)
     shape, model = gpu_run.SHAPES["dry"], report["model"]
-    failed = {(c["engine"], c["check"]) for c in gpu_run.judge(run, results, logs, shape, model, cuda=True)
+    as_gpu = {**shape, "dtype": "bfloat16"}
+    failed = {(c["engine"], c["check"]) for c in gpu_run.judge(run, results, logs, as_gpu, model, cuda=True)
               if not c["ok"]}
     assert {("stock-eager", "FLASH_ATTN, FlashAttention 3"), ("per_stage", "CUDA graph mode PIECEWISE"),
             ("per_stage", "V2Drop forced-settings line")} <= failed
