@@ -316,7 +316,9 @@ def agreement(a: dict, b: dict, tol: float) -> dict:
             gap = max(math.inf if str(own) not in lp or str(other) not in lp else lp[str(own)] - lp[str(other)]
                       for lp, own, other in ((a["logprobs"][i], x, y), (b["logprobs"][i], y, x)))
             return {"equal": False, "at": i, "gap": None if math.isinf(gap) else round(gap, 4), "ok": gap <= tol}
-    return {"equal": True, "ok": len(a["tokens"]) == len(b["tokens"]) > 0}
+    if len(a["tokens"]) != len(b["tokens"]) or not a["tokens"]:  # one run stopped early, or neither generated
+        return {"equal": False, "at": min(len(a["tokens"]), len(b["tokens"])), "gap": None, "ok": False}
+    return {"equal": True, "ok": True}
 
 
 def summarize(pairs: dict[str, dict]) -> dict:

@@ -38,6 +38,8 @@ def test_agreement_equal_or_near_tie():
     c = _run([5, 4, 7], [{5: -0.1}, {4: -0.1}, {7: -0.2}])  # the other token not even among the top ones
     assert gpu_run.agreement(a, c, 10.0) == {"equal": False, "at": 1, "gap": None, "ok": False}
     assert not gpu_run.agreement(_run([], []), _run([], []), 0.0)["ok"]  # nothing generated is no agreement
+    assert gpu_run.agreement(a, _run([5, 6], [{5: -0.1}, {6: -0.5}]), 0.0) == {"equal": False, "at": 2, "gap": None,
+                                                                            "ok": False}
 
 
 def test_kv_rows_against_the_plan():
