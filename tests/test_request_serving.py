@@ -147,7 +147,7 @@ def blocks(plan, n: int) -> int:
 
 
 def scrape(url: str) -> str:
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=60) as r:
         return r.read().decode()
 
 
