@@ -225,7 +225,7 @@ def run_engine(spec: dict, model: str, shape: dict, sizes: list[int], out_path: 
     """Start one engine, run the whole workload on it, write the raw results (the parent judges)."""
     from vllm import LLM
 
-    from vllm_v2drop.dev.kv_probe import request_kv_rows, zero_kv_cache
+    from vllm_v2drop.dev.kv_probe import scheduled_request_kv_rows, zero_kv_cache
 
     kw = dict(dtype=shape["dtype"], seed=0, limit_mm_per_prompt={"image": 1}, enforce_eager=spec["eager"],
               compilation_config={"max_cudagraph_capture_size": shape["capture"]}, **shape["engine"])
@@ -271,12 +271,10 @@ def run_engine(spec: dict, model: str, shape: dict, sizes: list[int], out_path: 
 
         def on_first(name, drv=drv, kv=kv) -> bool:
             if probe and name.startswith("img"):
-                try:
-                    kv[name] = llm.collective_rpc(request_kv_rows, args=(name,))[0]
-                except Exception as err:  # noqa: BLE001
-                    if "is not in the running batch" not in str(err):
-                        raise
+                rows = llm.collective_rpc(scheduled_request_kv_rows, args=(name,))[0]
+                if rows is None:
                     return False
+                kv[name] = rows
             return True
 
         latest = drv.run(until, on_first)

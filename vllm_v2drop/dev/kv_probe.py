@@ -100,6 +100,16 @@ def request_kv_rows(worker, req_id: str) -> dict[str, int]:
     }
 
 
+def scheduled_request_kv_rows(worker, req_id: str) -> dict[str, int] | None:
+    """:func:`request_kv_rows`, or None while ``req_id`` is not in the running batch (the engine's
+    last step did not schedule it: its token budget went to other requests)."""
+    try:
+        _row_of(worker.model_runner, req_id)
+    except KeyError:
+        return None
+    return request_kv_rows(worker, req_id)
+
+
 def request_kv_state(worker, req_id: str) -> tuple[dict[str, int], list[list[int]]]:
     """:func:`request_kv_rows` and :func:`request_block_ids` of one moment (one call between two
     engine steps), so that rows written and blocks held can be compared exactly."""
