@@ -115,6 +115,12 @@ def tiny_models() -> dict[str, Path]:
     return {arch: ensure_model(arch) for arch in ARCHS + NEW_ARCHS}
 
 
+@pytest.fixture(scope="module")
+def model_dir(request, tiny_models) -> Path:
+    """The tiny model of the test module's ``ARCH`` (modules parametrized by architecture override it)."""
+    return tiny_models[request.module.ARCH]
+
+
 # ----------------------------------------------------------------------------------------- inputs
 
 # (width, height). LLaVA resizes everything to 64x64 (64 rows); Qwen: 112x112 -> 16 rows,
@@ -212,6 +218,14 @@ LLM_DEFAULTS = dict(
     limit_mm_per_prompt={"image": 2, "video": 1},
     kv_cache_memory_bytes=256 << 20,
 )
+
+
+def engine_config(model_dir, **kw):
+    """vLLM's engine config for ``model_dir`` as ``vllm serve`` / ``LLM(...)`` build it (V2Drop's config
+    hook and start-up checks run here), without starting an engine."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=str(model_dir), **kw).create_engine_config()
 
 
 _STARTS: list[str] = []  # the model of every engine started in this session

@@ -9,14 +9,9 @@ from __future__ import annotations
 import importlib.metadata
 
 import pytest
+from conftest import engine_config
 
 from vllm_v2drop.core.architectures import ARCHITECTURES
-
-
-def engine_config(model_dir, **kw):
-    from vllm.engine.arg_utils import EngineArgs
-
-    return EngineArgs(model=str(model_dir), **kw).create_engine_config()
 
 
 def startup_error(model_dir, **kw) -> str:

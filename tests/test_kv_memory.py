@@ -23,7 +23,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import ensure_model, greedy, llm_engine, make_image, prompt
+from conftest import greedy, llm_engine, make_image, prompt
 
 from vllm_v2drop.core.kv_layout import group_layout, padding_waste
 from vllm_v2drop.core.counts import stage_of_layer
@@ -50,11 +50,6 @@ ENGINE_B = dict(max_model_len=1024, block_size=BS, max_num_batched_tokens=672, e
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-@pytest.fixture(scope="module")
-def model_dir():
-    return ensure_model(ARCH)
 
 
 def _page_bytes(model_dir) -> int:

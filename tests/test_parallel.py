@@ -37,7 +37,7 @@ from functools import lru_cache
 import cloudpickle
 import numpy as np
 import pytest
-from conftest import ensure_model, greedy, llm_engine, make_image, prompt
+from conftest import greedy, llm_engine, make_image, prompt
 from test_engine import generate_each, mixed_batch, requests, tokens
 
 from vllm_v2drop.dev.demo import image_data_url, image_part, video_data_url, video_part
@@ -84,11 +84,6 @@ def chats() -> list[list[dict]]:
 
 
 BURST = 12
-
-
-@pytest.fixture(scope="module")
-def model_dir():
-    return ensure_model(ARCH)
 
 
 @contextlib.contextmanager

@@ -17,12 +17,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import ensure_model, llm_engine, make_image
+from conftest import llm_engine, make_image
 from test_request_serving import data_url, metric, post, scrape
 
 from vllm_v2drop.core.quality import measure, rows_from_prompt_logprobs
 
 pytestmark = pytest.mark.slow
+ARCH = "qwen2-vl"  # the module's tiny model (conftest's model_dir)
 openai = pytest.importorskip("openai")
 
 MAX_TOKENS = 8
@@ -55,11 +56,6 @@ def _unexpanded(tokenizer, content) -> list[int]:
     text = tokenizer.apply_chat_template([{"role": "user", "content": parts}], tokenize=False,
                                          add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False).input_ids
-
-
-@pytest.fixture(scope="module")
-def model_dir():
-    return ensure_model("qwen2-vl")
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import ensure_model, llm_engine, make_image, prompt
+from conftest import llm_engine, make_image, prompt
 from test_engine import read_trace, trace_for
 
 from vllm_v2drop.config import V2DropConfig
@@ -65,11 +65,6 @@ TEXT = [{"type": "text", "text": "Tell me about the sea."}]
 
 
 # ----------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def model_dir():
-    return ensure_model(ARCH)
-
-
 @pytest.fixture(scope="module")
 def stock_tokens(model_dir):
     """Stock vLLM (no V2Drop) on IMAGE, greedy: the same chat through ``LLM.chat``."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from conftest import engine_config
 
 from vllm_v2drop import seams
 from vllm_v2drop.seams import _check
@@ -151,12 +152,6 @@ def test_how_a_touch_relies_on_its_target(declared, found, how, ok):
 
 
 # --------------------------------------------------------------- start-up, vLLM's real config path
-
-
-def engine_config(model_dir, **kw):
-    from vllm.engine.arg_utils import EngineArgs
-
-    return EngineArgs(model=str(model_dir), **kw).create_engine_config()
 
 
 def test_v2drop_on_a_differing_vllm_stops_at_startup(tiny_models, monkeypatch):

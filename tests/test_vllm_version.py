@@ -19,6 +19,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from conftest import engine_config
 
 from vllm_v2drop.version import SUPPORTED_VLLM, is_supported, public_version, unsupported_message
 
@@ -30,12 +31,6 @@ if os.environ.get("V2DROP_TEST_VLLM_VERSION"):
     import vllm
     vllm.__version__ = os.environ["V2DROP_TEST_VLLM_VERSION"]
 """
-
-
-def engine_config(model_dir, **kw):
-    from vllm.engine.arg_utils import EngineArgs
-
-    return EngineArgs(model=str(model_dir), **kw).create_engine_config()
 
 
 def expect_version_stop(model_dir, **kw) -> str:
