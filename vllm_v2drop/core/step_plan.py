@@ -98,6 +98,11 @@ class StepPlan:
     rejoin_token_index: np.ndarray = field(default_factory=lambda: _NONE)  # and its original position
 
     @property
+    def runs_drop_loop(self) -> bool:
+        """The forward runs the drop loop: some item is ranked, or rows go to or come back from the stash."""
+        return len(self.seg_counts) > 0 or self.uses_stash
+
+    @property
     def uses_stash(self) -> bool:
         """Some rows go to the stash or come back from it in this step."""
         return len(self.stash_req) > 0 or len(self.resume_req) > 0
