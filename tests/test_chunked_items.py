@@ -22,11 +22,12 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # stash_state r
 
 ARCH = "qwen2-vl"  # M-RoPE: the held rows' 3-D positions come back with them
 BUDGET = 10  # rows per step: every item below is longer
+BLOCK_BYTES = 128 * 8 * 2 * 2 * 32 * 4  # block of 128 tokens x 8 layers x (K, V) x 2 heads x 32 dims, fp32
 
 
 def stash_state(worker) -> dict:
     stash = worker.model_runner.get_model().v2drop_runtime.stash
-    return {"held": len(stash.held), "bytes": stash.nbytes, "peak": stash.peak}
+    return {"held": len(stash.held), "bytes": stash.nbytes, "peak": stash.peak, "dropped": stash.dropped}
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +39,10 @@ def model_dir(tiny_models):
 def chunked(model_dir, tmp_path_factory):
     trace = tmp_path_factory.mktemp("trace-chunked")
     config = {"trace": str(trace), "chunked_items": True}
+    # a 3-block KV pool (one more is vLLM's null block): each request fits alone, not every batch
     with llm_engine(model_dir, model_impl="v2drop", additional_config={"v2drop": config},
-                    max_num_batched_tokens=BUDGET, max_num_seqs=4) as llm:
+                    max_num_batched_tokens=BUDGET, max_num_seqs=4, max_model_len=384,
+                    kv_cache_memory_bytes=4 * BLOCK_BYTES, disable_log_stats=False) as llm:
         yield llm, trace, config
 
 
@@ -57,10 +60,20 @@ def named_requests(model_dir) -> dict[str, dict]:
     }
 
 
-def check_against_reference(outs, reqs, trace_dir, reference, schedule):
+def text_then_video(model_dir, text: str, seed: int) -> dict:
+    """A request whose video comes after a long text (its rows cross a KV block boundary)."""
+    from conftest import _tokenizer, video_input
+
+    messages = [{"role": "user", "content": [{"type": "text", "text": text}, {"type": "video"},
+                                             {"type": "text", "text": "What happens here?"}]}]
+    prompt = _tokenizer(str(model_dir)).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return {"prompt": prompt, "multi_modal_data": {"video": video_input(ARCH, make_video(seed=seed))}}
+
+
+def check_against_reference(outs, reqs, trace_dir, reference, schedule, max_tokens=(12, 12, 12)):
     trace = read_trace(trace_dir)
-    for (name, req), out in zip(reqs.items(), outs):
-        ref = reference.generate([ref_request(req)], schedule, max_new_tokens=12)[0]
+    for (name, req), out, n in zip(reqs.items(), outs, max_tokens):
+        ref = reference.generate([ref_request(req)], schedule, max_new_tokens=n)[0]
         assert list(out.prompt_token_ids) == ref.prompt_token_ids, name
         rec = trace_for(trace, out.request_id)
         assert [(it["first"], it["rows"]) for it in rec["items"]] == ref.items, name
@@ -80,12 +93,42 @@ def test_split_items_equal_the_reference(model_dir, chunked, reference):
     assert state["peak"] > 0
 
 
-def test_split_items_in_a_mixed_batch(model_dir, chunked, reference):
-    """All at once, with a text-only request: steps hold chunks of several requests' items."""
+def preemptions(llm) -> float:
+    return sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+
+
+def test_split_items_together_with_preemption(model_dir, chunked, reference):
+    """Together: steps hold chunks of both requests' items; the small KV pool preempts the video
+    request (its KV and held rows freed), which then computes its video again, split as before."""
     llm, trace_dir, config = chunked
-    reqs = named_requests(model_dir)
-    batch = [*reqs.values(), mm_request(ARCH, model_dir, text="Only text here, no picture at all.")]
-    outs = llm.generate(batch, greedy(12), use_tqdm=False)
-    check_against_reference(outs[:3], reqs, trace_dir, reference, ref_schedule(ARCH, config))
+    # 99 and 191 prompt rows: the images request's long answer takes its second block while the
+    # video request holds the third
+    reqs = {
+        "two-images": named_requests(model_dir)["two-images"],
+        "text-then-video": text_then_video(model_dir, " ".join(f"item{i}" for i in range(26)), seed=5),
+    }
+    lengths = [120, 40]
+    before = preemptions(llm)
+    outs = llm.generate(list(reqs.values()), [greedy(n) for n in lengths], use_tqdm=False)
+    assert preemptions(llm) > before, "the pool was meant to force preemption"
+    item = trace_for(read_trace(trace_dir), outs[1].request_id)["items"][0]
+    assert item["first"] < 128 < item["first"] + item["rows"]  # the video crosses into the second KV block
+    check_against_reference(outs, reqs, trace_dir, reference, ref_schedule(ARCH, config), max_tokens=lengths)
     (state,) = llm.collective_rpc(stash_state)
     assert state["held"] == 0 and state["bytes"] == 0
+
+
+def test_abort_inside_an_item_frees_its_rows(model_dir, chunked):
+    llm, _, _ = chunked
+    engine = llm.llm_engine
+    video = named_requests(model_dir)["video"]
+    engine.add_request("held-then-aborted", video, greedy(4))
+    while llm.collective_rpc(stash_state)[0]["held"] == 0:
+        engine.step()
+    dropped = llm.collective_rpc(stash_state)[0]["dropped"]
+    engine.abort_request(["held-then-aborted"])
+    engine.add_request("after", mm_request(ARCH, model_dir, text="Only text."), greedy(2))
+    while engine.has_unfinished_requests():
+        engine.step()
+    (state,) = llm.collective_rpc(stash_state)
+    assert state["held"] == 0 and state["bytes"] == 0 and state["dropped"] == dropped + 1

@@ -52,12 +52,13 @@ class Stash:
         self.held: dict[str, Held] = {}
         self.nbytes = 0
         self.peak = 0
+        self.dropped = 0  # entries freed before their item completed (finished, aborted, preempted)
 
     def forget(self, req_ids: Iterable[str]) -> None:
         """Free the entries of finished, aborted or preempted requests."""
         if self.held:
             for rid in req_ids:
-                self._pop(rid)
+                self.dropped += self._pop(rid) is not None
 
     def _pop(self, rid: str) -> Held | None:
         held = self.held.pop(rid, None)
@@ -92,6 +93,7 @@ class Stash:
             for r, rid in enumerate(req_ids):
                 if r not in resumed and rid in self.held:
                     self._pop(rid)
+                    self.dropped += 1
         done = dict(zip(step.resume_req.tolist(), step.resume_done.tolist()))
         back = [resumed[r] for r, d in done.items() if d]
         # a middle chunk extends its item's held rows; a request that completed one item may start the next
