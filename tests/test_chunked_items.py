@@ -1,6 +1,6 @@
 """Chunked items in the real engine: vision items longer than ``--max-num-batched-tokens``.
 
-One V2Drop engine with ``chunked_items`` and a step budget far smaller than its video and
+One V2Drop engine per kv_mode with ``chunked_items`` and a step budget far smaller than its video and
 images, so chunked prefill splits every item across steps (and often mid-row of a frame). Its
 greedy tokens and the rows each stage kept equal the plain-transformers reference of the spec,
 the oracle an engine whose budget holds every item whole is checked against
@@ -23,6 +23,8 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # stash_state r
 ARCH = "qwen2-vl"  # M-RoPE: the held rows' 3-D positions come back with them
 BUDGET = 10  # rows per step: every item below is longer
 BLOCK_BYTES = 128 * 8 * 2 * 2 * 32 * 4  # block of 128 tokens x 8 layers x (K, V) x 2 heads x 32 dims, fp32
+# per kv_mode, max_model_len and a KV pool in which each request below fits alone, not every batch
+POOL = {"shared": (384, 4 * BLOCK_BYTES), "per_stage": (256, 3 * BLOCK_BYTES)}
 
 
 def stash_state(worker) -> dict:
@@ -35,14 +37,13 @@ def model_dir(tiny_models):
     return tiny_models[ARCH]
 
 
-@pytest.fixture(scope="module")
-def chunked(model_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=["shared", "per_stage"])
+def chunked(model_dir, tmp_path_factory, request):
     trace = tmp_path_factory.mktemp("trace-chunked")
-    config = {"trace": str(trace), "chunked_items": True}
-    # a 3-block KV pool (one more is vLLM's null block): each request fits alone, not every batch
+    config = {"trace": str(trace), "chunked_items": True, "kv_mode": request.param}
     with llm_engine(model_dir, model_impl="v2drop", additional_config={"v2drop": config},
-                    max_num_batched_tokens=BUDGET, max_num_seqs=4, max_model_len=384,
-                    kv_cache_memory_bytes=4 * BLOCK_BYTES, disable_log_stats=False) as llm:
+                    max_num_batched_tokens=BUDGET, max_num_seqs=4, max_model_len=POOL[request.param][0],
+                    kv_cache_memory_bytes=POOL[request.param][1], disable_log_stats=False) as llm:
         yield llm, trace, config
 
 

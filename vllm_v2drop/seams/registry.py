@@ -206,8 +206,6 @@ class V2DropConfigHook:
 def _chunked_items_problems(vllm_config, schedule) -> list[str]:
     """What ``chunked_items`` does not support yet, each with the reason."""
     problems = []
-    if schedule.kv_mode == "per_stage":
-        problems.append("kv_mode per_stage (its stage groups' blocks and prefix-cache keys assume whole items)")
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         problems.append("pipeline parallelism (the held rows would have to live on the rank of the first "
                         "drop layer and travel with the rows of the step that completes the item)")
