@@ -414,7 +414,8 @@ def server_args(args) -> list[str]:
     out = ["--model-impl", "v2drop", "--enforce-eager", "--dtype", "float32", "--max-model-len", str(args.max_model_len),
            "--seed", "0", "--kv-cache-memory-bytes", str(args.kv_blocks * BLOCK_BYTES),
            "--limit-mm-per-prompt", json.dumps(LIMITS),
-           "--additional-config", json.dumps({"v2drop": {"kv_mode": args.kv_mode}})]
+           "--additional-config", json.dumps({"v2drop": {"kv_mode": args.kv_mode,
+                                                         **({"chunked_items": True} if args.chunked_items else {})}})]
     if args.block_size:
         out += ["--block-size", str(args.block_size)]
     if args.max_num_batched_tokens:
@@ -435,6 +436,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="KV block size (the CPU backend's default is 128; 32 makes prefix caching hit more)")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--chunked-items", action="store_true",
+                   help="V2Drop chunked_items: with a small --max-num-batched-tokens, vision items are split across steps")
     p.add_argument("--seeded-sampling", action="store_true",
                    help="seed the n2 / burst requests and compare them too (kills vLLM 0.32's CPU engine)")
     p.add_argument("--log", default=None, help="server log (default build/soak-logs/soak-ARCH-KVMODE.log)")
