@@ -69,10 +69,13 @@ def test_chunked_items_lets_items_split(tiny_models):
     assert cfg.scheduler_config.max_num_batched_tokens == 16
 
 
-def test_chunked_items_refuses_disable_chunked_mm_input(tiny_models):
-    msg = startup_error(tiny_models["qwen2-vl"], model_impl="v2drop", disable_chunked_mm_input=True,
-                        additional_config={"v2drop": {"chunked_items": True}})
-    refused = "disable_chunked_mm_input"
+@pytest.mark.parametrize("arch, kw, refused", [
+    ("qwen2-vl", {"disable_chunked_mm_input": True}, "disable_chunked_mm_input"),
+    ("qwen3-vl", {"dtype": "float32"}, "DeepStack"),  # the tiny depth's default schedule drops at layer 1
+], ids=["disable-chunked-mm-input", "deepstack"])
+def test_chunked_items_refuses_what_it_cannot_do(tiny_models, arch, kw, refused):
+    msg = startup_error(tiny_models[arch], model_impl="v2drop", additional_config={"v2drop": {"chunked_items": True}},
+                        **kw)
     line = next((ln for ln in msg.splitlines() if "V2Drop chunked_items cannot run with:" in ln), msg)
     assert refused in line, msg
 

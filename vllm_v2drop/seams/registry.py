@@ -211,6 +211,11 @@ def _chunked_items_problems(vllm_config, schedule) -> list[str]:
                         "drop layer and travel with the rows of the step that completes the item)")
     if vllm_config.scheduler_config.disable_chunked_mm_input:
         problems.append("disable_chunked_mm_input (it keeps items whole, which chunked_items is for)")
+    vision = getattr(vllm_config.model_config.hf_config, "vision_config", None)
+    levels = len(getattr(vision, "deepstack_visual_indexes", None) or ())  # Qwen3-VL: added after layers 0 .. levels-1
+    if levels > schedule.layers[0]:
+        problems.append(f"a first drop layer ({schedule.layers[0]}) before the last of Qwen3-VL's {levels} DeepStack "
+                        "levels (the held rows would miss the visual features added after it)")
     return problems
 
 

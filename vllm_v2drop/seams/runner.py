@@ -176,7 +176,8 @@ def _step_staging(runner, runtime: V2DropRuntime) -> StepStaging:
     step it can be given (:mod:`vllm_v2drop.seams.staging`)."""
     staging = runner.__dict__.get("_v2drop_staging")
     if staging is None:
-        size = worst_case_bytes(runner.max_num_tokens, runner.max_num_reqs, len(runtime.schedule.layers))
+        held = runner.max_model_len if runtime.schedule.chunked_items else 0  # rows of items split across steps
+        size = worst_case_bytes(runner.max_num_tokens, runner.max_num_reqs, len(runtime.schedule.layers), held)
         staging = runner._v2drop_staging = StepStaging(runner.device, size)
     return staging
 
