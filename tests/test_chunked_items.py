@@ -133,3 +133,26 @@ def test_abort_inside_an_item_frees_its_rows(model_dir, chunked):
         engine.step()
     (state,) = llm.collective_rpc(stash_state)
     assert state["held"] == 0 and state["bytes"] == 0 and state["dropped"] == dropped + 1
+
+
+def test_llava_onevision_split_items_equal_the_reference(tiny_models, tmp_path):
+    """LLaVA-OneVision (1-D positions; a video of hundreds of rows) with a 32-row budget, beside a
+    text-only request: kept rows and tokens are the spec's."""
+    arch, model_dir = "llava-onevision", tiny_models["llava-onevision"]
+    config = {"trace": str(tmp_path), "chunked_items": True}
+    reqs = {
+        "video": mm_request(arch, model_dir, video=make_video(seed=4), text="What happens here?"),
+    }
+    with llm_engine(model_dir, model_impl="v2drop", additional_config={"v2drop": config},
+                    max_num_batched_tokens=32, max_num_seqs=4) as llm:
+        outs = llm.generate([*reqs.values(), mm_request(arch, model_dir, text="Only text.")], greedy(12),
+                            use_tqdm=False)
+    trace = read_trace(tmp_path)
+    reference = V2DropReference(model_dir)
+    for (name, req), out in zip(reqs.items(), outs):
+        ref = reference.generate([ref_request(req)], ref_schedule(arch, config), max_new_tokens=12)[0]
+        rec = trace_for(trace, out.request_id)
+        assert all(rows > 32 for _, rows in ref.items), name
+        assert [(it["first"], it["rows"]) for it in rec["items"]] == ref.items, name
+        assert [it["kept"] for it in rec["items"]] == ref.kept, name
+        assert list(out.outputs[0].token_ids) == ref.token_ids, name
