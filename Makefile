@@ -20,6 +20,8 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # A local build of vLLM instead (a wheel file, or a folder holding vllm-$(VLLM_VERSION)*.whl).
 V2DROP_WHEELS ?=
 PYTEST_ARGS ?=
+# `make test` runs the suite in this many pytest-xdist workers, one test module per worker at a time.
+TEST_WORKERS ?= 2
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -27,7 +29,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: setup demo test test-fast models clean
+.PHONY: setup demo test test-fast clean
 
 setup: $(VENV)/.setup-done
 
@@ -48,7 +50,7 @@ demo: setup
 	$(PY) -m vllm_v2drop.dev.demo $(MODEL)
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

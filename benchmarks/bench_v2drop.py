@@ -354,12 +354,16 @@ def summarize(records: list[Record], wall: float, counters: dict[str, float], kv
         "e2e_median_s": statistics.median(r.e2e for r in records),
         "kv_usage_peak": kv_peak,
         "preemptions": counters.get("vllm:num_preemptions_total", 0.0),
+        # V2Drop's quality probe, when on (--v2drop-config '{"quality_probe": ...}'): shadows run, skipped
+        "probe_requests": counters.get("vllm:v2drop_probe_requests_total", 0.0),
+        "probe_skipped": counters.get("vllm:v2drop_probe_skipped_total", 0.0),
     }
 
 
 def counter_delta(before: dict, after: dict) -> dict:
     keys = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_prefill_time_seconds_sum",
-            "vllm:request_prefill_time_seconds_count", "vllm:num_preemptions_total")
+            "vllm:request_prefill_time_seconds_count", "vllm:num_preemptions_total",
+            "vllm:v2drop_probe_requests_total", "vllm:v2drop_probe_skipped_total")
     return {k: after.get(k, 0.0) - before.get(k, 0.0) for k in keys}
 
 

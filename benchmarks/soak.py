@@ -301,8 +301,10 @@ class Soak:
 
     async def gauges(self) -> dict[str, float]:
         m = await self.metrics()
-        return {k: m.get(f"vllm:{k}", -1.0) for k in ("num_requests_running", "num_requests_waiting",
-                                                      "kv_cache_usage_perc", "num_preemptions_total")}
+        keys = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "num_preemptions_total")
+        if self.args.probe_rate is not None:  # the probe's shadows run after their requests
+            keys += ("v2drop_probe_watched", "v2drop_probe_in_flight")
+        return {k: m.get(f"vllm:{k}", -1.0) for k in keys}
 
     async def sample(self, peak: dict, stop: asyncio.Event):
         while not stop.is_set():
@@ -348,9 +350,23 @@ class Soak:
         preempt = max(m1.get(key, 0.0), peak.pop("num_preemptions_total", 0.0)) - m0.get(key, 0.0)
         cache = {k: int(m1.get(f"vllm:prefix_cache_{k}_total", 0.0) - m0.get(f"vllm:prefix_cache_{k}_total", 0.0))
                  for k in ("queries", "hits")}
+        probe = await self.probe_counts() if self.args.probe_rate is not None else None
         return {"records": records, "refs": self.refs, "after": after, "peak": peak, "final": final,
-                "preemptions": int(preempt), "prefix_cache": cache, "reference_s": round(ref_s, 1),
+                "preemptions": int(preempt), "prefix_cache": cache, "probe": probe, "reference_s": round(ref_s, 1),
                 "load_s": round(load_s, 1)}
+
+    async def probe_counts(self) -> dict:
+        """The quality probe's totals: requests probed, skipped by reason, mean agreement."""
+        text = (await self.http.get(f"{self.url}/metrics", timeout=10)).text
+
+        def total(name: str) -> float:
+            return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+        skipped = {m[1]: int(float(m[2])) for m in re.finditer(
+            r'^vllm:v2drop_probe_skipped_total\{[^}]*reason="(\w+)"[^}]*\} (\S+)$', text, re.M)}
+        n = total("vllm:v2drop_probe_agreement_count")
+        return {"requests": int(total("vllm:v2drop_probe_requests_total")), "skipped": skipped,
+                "mean_agreement": total("vllm:v2drop_probe_agreement_sum") / n if n else None}
 
 
 def scan_log(text: str) -> dict:
@@ -394,6 +410,7 @@ def summarize(out: dict, log_text: str, alive: bool) -> dict:
                               for r in wrong[:5]] + out["after"][:5],
         "valid_failed": len(failed), "valid_failed_examples": failed[:10], "hangs": totals.get("hang", 0),
         "preemptions": out["preemptions"], "prefix_cache": out["prefix_cache"], "peak": out["peak"], "final": out["final"], "alive": alive, **log,
+        "probe": out["probe"],
         "reference_s": out["reference_s"], "load_s": out["load_s"],
     }
     res["checks"] = {
@@ -406,16 +423,27 @@ def summarize(out: dict, log_text: str, alive: bool) -> dict:
         "idle_after": not any(out["final"].values()),
         "no_v2drop_traceback": log["v2drop_tracebacks"] == 0,
     }
+    if out["probe"] is not None:  # the probe ran, and no shadow failed
+        probe = out["probe"]
+        res["checks"]["probe_ran_without_error"] = probe["requests"] > 0 and not probe["skipped"].get("error")
     res["ok"] = all(res["checks"].values())
     return res
+
+
+def v2drop_config(args) -> dict:
+    cfg = {"kv_mode": args.kv_mode}
+    if args.chunked_items:
+        cfg["chunked_items"] = True
+    if args.probe_rate is not None:
+        cfg["quality_probe"] = {"rate": args.probe_rate}
+    return cfg
 
 
 def server_args(args) -> list[str]:
     out = ["--model-impl", "v2drop", "--enforce-eager", "--dtype", "float32", "--max-model-len", str(args.max_model_len),
            "--seed", "0", "--kv-cache-memory-bytes", str(args.kv_blocks * BLOCK_BYTES),
            "--limit-mm-per-prompt", json.dumps(LIMITS),
-           "--additional-config", json.dumps({"v2drop": {"kv_mode": args.kv_mode,
-                                                         **({"chunked_items": True} if args.chunked_items else {})}})]
+           "--additional-config", json.dumps({"v2drop": v2drop_config(args)})]
     if args.block_size:
         out += ["--block-size", str(args.block_size)]
     if args.max_num_batched_tokens:
@@ -440,6 +468,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="V2Drop chunked_items: with a small --max-num-batched-tokens, vision items are split across steps")
     p.add_argument("--seeded-sampling", action="store_true",
                    help="seed the n2 / burst requests and compare them too (kills vLLM 0.32's CPU engine)")
+    p.add_argument("--probe-rate", type=float, default=None,
+                   help="turn V2Drop's quality probe on at this rate (default: off)")
     p.add_argument("--log", default=None, help="server log (default build/soak-logs/soak-ARCH-KVMODE.log)")
     p.add_argument("--out", default=None, help="write the result here (JSON)")
     return p.parse_args(argv)
@@ -479,7 +509,7 @@ def run_soak(argv: list[str] | None = None) -> dict:
         except httpx.HTTPError:
             alive = False
         log_text = read_log(log)  # before the server stops (its shutdown logs an EngineDeadError)
-    res = {"arch": args.arch, "kv_mode": args.kv_mode, "num_requests": args.num_requests,
+    res = {"arch": args.arch, "kv_mode": args.kv_mode, "num_requests": args.num_requests, "probe_rate": args.probe_rate,
            "concurrency": args.concurrency, "seed": args.seed, "kv_blocks": args.kv_blocks,
            "block_size": args.block_size, "kv_audit": True,
            "seeded_sampling": args.seeded_sampling, "server_args": server_args(args), "server_log": str(log),

@@ -5,9 +5,10 @@
   builder version is unchanged.
 * inputs: ``make_image`` / ``IMAGE_SIZES``, ``make_video``, ``video_input`` (adds the
   metadata Qwen2.5-VL needs), ``prompt`` (chat-template prompt with the arch's placeholders).
-* engines: ``make_llm`` (vllm.LLM with test defaults) and ``shutdown_llm`` (stops the
-  engine-core subprocess and frees memory, so several engines can run in one pytest process).
-  Test files hold engines in module-scoped fixtures.
+* engines: ``engines``, the session's pool: ``engines.get(model_dir, **kw)`` returns the running
+  ``vllm.LLM`` with those settings, or starts one (test defaults, ``kw`` override); test modules
+  that ask for the same settings share one engine. ``make_llm`` / ``shutdown_llm`` / ``llm_engine``
+  start and stop an engine of a test's own (one that must start fresh, or that a test stops).
 * ``@pytest.mark.gpu`` tests are skipped with a reason when no CUDA GPU is present.
 """
 
@@ -33,6 +34,15 @@ os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 # Every per_stage engine of the suite checks each prefix-cache reuse of its KV blocks (vllm_v2drop.worker.audit).
 os.environ.setdefault("V2DROP_AUDIT_KV", "1")
+
+# Under pytest-xdist (``make test`` runs two workers), each worker's engines and servers run their
+# threads on the worker's own share of the CPUs, so two engines never spin on the same cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _cpus = sorted(os.sched_getaffinity(0))
+    _n = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    _share = _cpus[int(os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw")) % _n::_n] or _cpus
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, _share)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(len(_share)))
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHS = ("llava", "llava-onevision", "qwen2-vl", "qwen2.5-vl")
@@ -61,6 +71,14 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason="needs a CUDA GPU")
         for it in gpu_items:
             it.add_marker(skip)
+
+
+def pytest_configure(config):
+    # With xdist workers, build the tiny models once here, before the workers start, rather than
+    # in each worker at once.
+    if getattr(config.option, "numprocesses", None) and not os.environ.get("PYTEST_XDIST_WORKER"):
+        for arch in ARCHS + NEW_ARCHS:
+            ensure_model(arch)
 
 
 # ----------------------------------------------------------------------------------------- models
@@ -196,11 +214,15 @@ LLM_DEFAULTS = dict(
 )
 
 
+_STARTS: list[str] = []  # the model of every engine started in this session
+
+
 def make_llm(model_dir: str | Path, **kw):
     """``vllm.LLM`` on ``model_dir`` with test defaults (float32, eager, small KV cache); ``kw`` override."""
     from vllm import LLM
 
     before = _children()
+    _STARTS.append(Path(str(model_dir)).name)
     llm = LLM(str(model_dir), **{**LLM_DEFAULTS, **kw})
     llm._v2drop_children = sorted(_children() - before)  # the engine core (and its helpers)
     return llm
@@ -241,6 +263,57 @@ def shutdown_llm(llm, timeout: float = 30.0) -> None:
         with contextlib.suppress(psutil.Error):
             p.kill()
     psutil.wait_procs(alive, timeout=5)
+
+
+class EnginePool:
+    """The session's engines, one per (model, settings): started on first use, shared by every test
+    module that asks for the same settings, stopped when ``capacity`` others are newer (least
+    recently used first) or at the session's end. A test must leave a pooled engine as it found it:
+    no request left running, no setting changed."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._live: dict[str, object] = {}  # key -> LLM, least recently used first
+        self.started = self.reused = 0
+
+    @staticmethod
+    def key(model_dir, kw: dict) -> str:
+        return json.dumps([str(model_dir), kw], sort_keys=True, default=repr)
+
+    def get(self, model_dir: str | Path, **kw):
+        key = self.key(model_dir, kw)
+        if key in self._live:
+            self.reused += 1
+            self._live[key] = self._live.pop(key)
+            return self._live[key]
+        while len(self._live) >= self.capacity:
+            self._stop(next(iter(self._live)))
+        self.started += 1
+        self._live[key] = make_llm(model_dir, **kw)
+        return self._live[key]
+
+    def _stop(self, key: str) -> None:
+        shutdown_llm(self._live.pop(key))
+
+    def close(self) -> None:
+        while self._live:
+            self._stop(next(iter(self._live)))
+
+
+_POOL = EnginePool(int(os.environ.get("V2DROP_TEST_ENGINES", "2")))
+
+
+@pytest.fixture(scope="session")
+def engines():
+    """The session's :class:`EnginePool` (at most ``$V2DROP_TEST_ENGINES``, default 2, alive at once)."""
+    yield _POOL
+    _POOL.close()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _STARTS:
+        terminalreporter.write_line(f"engines started: {len(_STARTS)} ({_POOL.started} pooled, "
+                                    f"reused {_POOL.reused} times)")
 
 
 @contextlib.contextmanager

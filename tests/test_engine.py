@@ -18,7 +18,6 @@ from conftest import (
     NEW_VIDEO_ARCHS,
     VIDEO_ARCHS,
     greedy,
-    llm_engine,
     make_image,
     make_video,
     mm_request,
@@ -141,11 +140,16 @@ def model_dir(arch, tiny_models):
 
 
 @pytest.fixture(scope="module")
-def stock_tokens(arch, model_dir):
-    """Stock vLLM (no plugin model) on the named requests, 32 greedy tokens."""
+def stock(model_dir, engines):
+    """Stock vLLM (no plugin model) on the architecture: the identity oracle."""
+    return engines.get(model_dir)
+
+
+@pytest.fixture(scope="module")
+def stock_tokens(arch, model_dir, stock):
+    """Stock vLLM on the named requests, 32 greedy tokens."""
     reqs = requests(arch, model_dir)
-    with llm_engine(model_dir) as llm:
-        return dict(zip(reqs, tokens(generate_each(llm, list(reqs.values()), 32))))
+    return dict(zip(reqs, tokens(generate_each(stock, list(reqs.values()), 32))))
 
 
 @pytest.fixture(scope="module")
@@ -154,25 +158,30 @@ def reference(model_dir):
 
 
 @pytest.fixture(scope="module")
-def paper(arch, model_dir, tmp_path_factory):
+def paper(arch, model_dir, tmp_path_factory, engines):
     """V2Drop with the architecture's default (paper) schedule scaled to the tiny depth, tracing on."""
     trace = tmp_path_factory.mktemp(f"trace-{arch}")
     config = {"trace": str(trace)}
-    with llm_engine(model_dir, model_impl="v2drop", additional_config={"v2drop": config}) as llm:
-        yield llm, trace, config
+    return engines.get(model_dir, model_impl="v2drop", additional_config={"v2drop": config}), trace, config
 
 
 # ---------------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("config", [IDENTITY, {"metric": "none"}], ids=["ratios-1.0", "metric-none"])
-def test_identity_with_stock_vllm(arch, model_dir, stock_tokens, config):
-    """Nothing dropped: token for token what stock vLLM generates (image, two images, video, text)."""
+def identity_xargs(how: str, layers) -> dict:
+    """Per-request settings under which a V2Drop engine must give stock vLLM's tokens."""
+    return {"v2drop_off": True} if how == "v2drop_off" else {"v2drop_keep_ratios": [1.0] * len(layers)}
+
+
+@pytest.mark.parametrize("how", ["v2drop_off", "keep_ratios-1.0"])
+def test_identity_with_stock_vllm(arch, model_dir, stock_tokens, paper, how):
+    """Nothing dropped (the request is off, or keeps every row at every layer): token for token what
+    stock vLLM generates (image, two images, video, text), on the V2Drop engine that prunes others."""
+    llm, _, config = paper
+    assert llm.llm_engine.model_config.architecture == "V2Drop" + HF_ARCH[arch]
+    params = greedy(32, extra_args=identity_xargs(how, resolved(arch, config).layers))
     reqs = requests(arch, model_dir)
-    with llm_engine(model_dir, model_impl="v2drop", additional_config={"v2drop": config}) as llm:
-        assert type(llm.llm_engine.model_config.architecture) is str
-        assert llm.llm_engine.model_config.architecture.startswith("V2Drop")
-        got = dict(zip(reqs, tokens(generate_each(llm, list(reqs.values()), 32))))
+    got = {name: list(llm.generate([r], params, use_tqdm=False)[0].outputs[0].token_ids) for name, r in reqs.items()}
     assert got == stock_tokens
 
 
@@ -237,3 +246,59 @@ def test_prompt_logprobs_request_is_not_pruned(arch, model_dir, paper, stock_tok
     assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(out.prompt_token_ids)
     rec = trace_for(read_trace(trace_dir), out.request_id)
     assert all(len(kept) == it["rows"] for it in rec["items"] for kept in it["kept"])
+
+
+# ------------------------------------------------------------------ stock vLLM itself (the oracle)
+
+
+def stock_cases(arch: str, model_dir) -> dict[str, dict]:
+    """One small image, two images, and a video where the model takes one."""
+    cases = {"image": mm_request(arch, model_dir, images=[make_image("small")]),
+             "two-images": mm_request(arch, model_dir, images=[make_image("wide", 1), make_image("large", 2)])}
+    if arch in VIDEO_ARCHS:
+        # transformers 5.19's Qwen2.5-VL get_rope_index advances text positions after a video by
+        # max(h, w) only, where vLLM (and the original Qwen code) use max(position) + 1; they agree
+        # while 2 * (grid_t - 1) < max(h, w), so the comparison video for Qwen2.5-VL has 4 frames.
+        cases["video"] = mm_request(arch, model_dir, video=make_video(frames=4 if arch == "qwen2.5-vl" else 8))
+    return cases
+
+
+@pytest.fixture(scope="module")
+def stock_runs(arch, model_dir, stock):
+    """The stock cases generated twice in one batch each, 16 greedy tokens."""
+    cases = stock_cases(arch, model_dir)
+    runs = [tokens(stock.generate(list(cases.values()), greedy(16), use_tqdm=False)) for _ in range(2)]
+    return [dict(zip(cases, run)) for run in runs]
+
+
+def test_stock_deterministic(stock_runs):
+    first, second = stock_runs
+    assert first == second
+    for name, toks in first.items():
+        assert len(toks) == 16, name
+        assert len(set(toks)) > 2, (name, toks)  # not one token repeated
+    assert len({tuple(t) for t in first.values()}) == len(first)  # the inputs matter
+
+
+def test_stock_matches_transformers(arch, model_dir, stock_runs):
+    """Greedy float32 tokens from stock vLLM and from transformers' ``generate`` match: both read the
+    same weights, processor and chat template."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+
+    proc = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    # eos_token_id=[]: never stop and never suppress EOS, like vLLM's ignore_eos (None would fall
+    # back to the model's EOS and stop; min_new_tokens would mask EOS out of the argmax).
+    gen = GenerationConfig(do_sample=False, max_new_tokens=16, eos_token_id=[], pad_token_id=proc.tokenizer.pad_token_id)
+    for name, req in stock_cases(arch, model_dir).items():
+        ref = ref_request(req)
+        kw: dict = {"images": list(ref.images)} if ref.images else {}
+        if ref.videos:
+            kw["videos"] = list(ref.videos)
+            if arch.startswith("qwen"):
+                kw.update(video_metadata=[video_metadata(ref.videos[0])], do_sample_frames=False)
+        inputs = proc(text=[req["prompt"]], return_tensors="pt", **kw)
+        with torch.no_grad():
+            out = model.generate(**inputs, generation_config=gen)
+        assert out[0, inputs["input_ids"].shape[1]:].tolist() == stock_runs[0][name], name

@@ -3,11 +3,11 @@
 The same two oracles as ``test_engine.py`` (stock vLLM for identity, the transformers
 reference for fidelity), with its helpers and requests: one image, two images, and a
 video where the model takes one (Qwen3-VL's video placeholder mixes timestamp text rows
-with embedding rows; only the latter are candidates). Per architecture four engines:
-stock, two identity configurations, and one V2Drop engine that serves the fidelity, KV
-and batch tests. That engine runs ``kv_mode: per_stage`` (block size 32), so its KV test
+with embedding rows; only the latter are candidates). Per architecture two engines:
+stock, and one V2Drop engine that serves the identity (requests that drop nothing), fidelity,
+KV and batch tests. That engine runs ``kv_mode: per_stage`` (block size 32), so its KV test
 checks both what each layer holds and the blocks each stage's group allocates; the
-``shared`` mode's drop path is the same model code (and the identity engines run it).
+``shared`` mode's drop path is the same model code.
 
 Qwen3-VL's schedule drops at layers 1 and 2, before the last DeepStack layer (the tiny
 tower feeds layers 0, 1, 2): DeepStack features must then be added to the kept rows only.
@@ -19,11 +19,11 @@ import math
 import os
 
 import pytest
-from conftest import NEW_ARCHS, greedy, llm_engine
-from test_engine import (  # noqa: F401 (model_dir, stock_tokens, reference: fixtures, over this module's arch)
+from conftest import NEW_ARCHS, greedy
+from test_engine import (  # noqa: F401 (model_dir, stock, stock_tokens, reference: fixtures, over this module's arch)
     HF_ARCH,
-    IDENTITY,
     generate_each,
+    identity_xargs,
     mixed_batch,
     model_dir,
     read_trace,
@@ -32,6 +32,7 @@ from test_engine import (  # noqa: F401 (model_dir, stock_tokens, reference: fix
     reference,
     requests,
     resolved,
+    stock,
     stock_tokens,
     tokens,
     trace_for,
@@ -65,25 +66,27 @@ def arch(request):
 
 
 @pytest.fixture(scope="module")
-def v2drop(arch, model_dir, tmp_path_factory):
+def v2drop(arch, model_dir, tmp_path_factory, engines):
     """The architecture's V2Drop engine: its schedule, per-stage KV groups, tracing on."""
     trace = tmp_path_factory.mktemp(f"trace-{arch}")
     config = {**SCHEDULES[arch], "kv_mode": "per_stage", "trace": str(trace)}
-    with llm_engine(model_dir, model_impl="v2drop", block_size=BLOCK, enable_prefix_caching=False,
-                    additional_config={"v2drop": config}) as llm:
-        yield llm, trace, config
+    llm = engines.get(model_dir, model_impl="v2drop", block_size=BLOCK, enable_prefix_caching=False,
+                      additional_config={"v2drop": config})
+    return llm, trace, config
 
 
 # ---------------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("config", [IDENTITY, {"metric": "none"}], ids=["ratios-1.0", "metric-none"])
-def test_identity_with_stock_vllm(arch, model_dir, stock_tokens, config):
-    """Nothing dropped: 32 greedy tokens equal stock vLLM's (image, two images, video, text)."""
+@pytest.mark.parametrize("how", ["v2drop_off", "keep_ratios-1.0"])
+def test_identity_with_stock_vllm(arch, model_dir, stock_tokens, v2drop, how):
+    """Nothing dropped (the request is off, or keeps every row at every layer): 32 greedy tokens equal
+    stock vLLM's (image, two images, video, text), on the per_stage engine that prunes others."""
+    llm, _, config = v2drop
+    assert llm.llm_engine.model_config.architecture == "V2Drop" + HF_ARCH[arch]
+    params = greedy(32, extra_args=identity_xargs(how, resolved(arch, config).layers))
     reqs = requests(arch, model_dir)
-    with llm_engine(model_dir, model_impl="v2drop", additional_config={"v2drop": config}) as llm:
-        assert llm.llm_engine.model_config.architecture == "V2Drop" + HF_ARCH[arch]
-        got = dict(zip(reqs, tokens(generate_each(llm, list(reqs.values()), 32))))
+    got = {name: list(llm.generate([r], params, use_tqdm=False)[0].outputs[0].token_ids) for name, r in reqs.items()}
     assert got == stock_tokens
 
 

@@ -5,9 +5,13 @@
   vision rows than the schedule has stages: each request gets the tokens it gets alone.
 * ``l1``, ``cosine`` and ``random`` give the transformers reference's kept rows and tokens;
   ``random`` is seeded (the same request keeps the same rows again).
+* With vLLM's default compilation: the reference's tokens, and vLLM's memory-profiling run goes
+  through the drop loop at the largest step.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 from conftest import greedy, llm_engine, make_image, make_video, mm_request
@@ -16,6 +20,7 @@ from test_engine import generate_each, read_trace, ref_request, ref_schedule, to
 from vllm_v2drop.dev.reference import V2DropReference
 
 pytestmark = pytest.mark.slow
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # the probes run in the worker
 
 # Seven stages: a 56x56 image (4 rows on the tiny Qwen2-VL) has fewer rows than stages.
 MANY_STAGES = {"layers": [1, 2, 3, 4, 5, 6, 7], "keep_ratios": [0.5] * 7}
@@ -42,11 +47,11 @@ def preemptions(llm) -> float:
 
 
 @pytest.fixture(scope="module")
-def pressured(tiny_models):
+def pressured(tiny_models, engines):
     """Qwen2-VL, seven stages, a 9-block KV pool and a 256-token batch budget (images only:
     with items never split, the budget must hold the largest item the engine accepts)."""
     model_dir = tiny_models["qwen2-vl"]
-    with llm_engine(
+    llm = engines.get(
         model_dir,
         model_impl="v2drop",
         additional_config={"v2drop": MANY_STAGES},
@@ -56,8 +61,8 @@ def pressured(tiny_models):
         max_num_seqs=8,
         limit_mm_per_prompt={"image": 2, "video": 0},
         disable_log_stats=False,
-    ) as llm:
-        yield llm, model_dir
+    )
+    return llm, model_dir
 
 
 def test_preemption_and_chunked_prefill(pressured):
@@ -105,9 +110,10 @@ def test_abort_mid_decode(pressured):
     assert tokens(llm.generate([reqs[1]], greedy(24), use_tqdm=False)) == [alone[1]]
 
 
-@pytest.mark.parametrize("arch", ["qwen2-vl", "llava-onevision"])
-@pytest.mark.parametrize("metric", ["l1", "cosine", "random"])
+@pytest.mark.parametrize(("arch", "metric"), [("qwen2-vl", "l1"), ("llava-onevision", "cosine"), ("qwen2-vl", "random")])
 def test_other_metrics_match_reference(arch, metric, tiny_models, tmp_path):
+    """Each other metric on one engine: kept rows and tokens equal the reference's (the scorers
+    themselves are checked on known vectors in ``test_selection.py``)."""
     model_dir = tiny_models[arch]
     config = {"metric": metric, "seed": 7, "trace": str(tmp_path)}
     reqs = [
@@ -129,7 +135,17 @@ def test_other_metrics_match_reference(arch, metric, tiny_models, tmp_path):
     assert tokens(again) == tokens(first[:1])
 
 
-def test_compiled_engine_matches_reference(tiny_models):
+COMPILED_TOKENS = 1024  # the compiled engine's step budget and model length
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_models, engines):
+    """Qwen2-VL V2Drop with vLLM's default compilation (torch.compile on)."""
+    return engines.get(tiny_models["qwen2-vl"], model_impl="v2drop", enforce_eager=False,
+                       max_num_batched_tokens=COMPILED_TOKENS, max_model_len=COMPILED_TOKENS)
+
+
+def test_compiled_engine_matches_reference(compiled, tiny_models):
     """With torch.compile on (vLLM's default), decode and text-only steps run vLLM's compiled model with
     per-stage attention metadata, drop steps run the eager loop: tokens still equal the reference."""
     from test_engine import requests, resolved
@@ -137,13 +153,24 @@ def test_compiled_engine_matches_reference(tiny_models):
 
     model_dir = tiny_models["qwen2-vl"]
     reqs = requests("qwen2-vl", model_dir)
-    with llm_engine(model_dir, model_impl="v2drop", enforce_eager=False) as llm:
-        assert llm.llm_engine.vllm_config.compilation_config.mode != CompilationMode.NONE  # torch.compile
-        alone = tokens(generate_each(llm, list(reqs.values()), 16))
-        together = tokens(llm.generate(list(reqs.values()), greedy(16), use_tqdm=False))
+    assert compiled.llm_engine.vllm_config.compilation_config.mode != CompilationMode.NONE  # torch.compile
+    alone = tokens(generate_each(compiled, list(reqs.values()), 16))
+    together = tokens(compiled.generate(list(reqs.values()), greedy(16), use_tqdm=False))
     reference = V2DropReference(model_dir)
     schedule = ref_schedule("qwen2-vl", {})
     assert resolved("qwen2-vl", {}).layers
     expected = [reference.generate([ref_request(r)], schedule, 16)[0].token_ids for r in reqs.values()]
     assert alone == expected
     assert together == expected
+
+
+def test_profiling_run_is_a_drop_step_at_the_largest_step(compiled, tiny_models):
+    """vLLM sizes the KV cache from the peak memory of its profiling run, so that run goes through the
+    drop loop at the largest step the engine schedules, every row present at every stage (a request
+    may keep all its rows). On this CPU vLLM profiles only when it compiles the model (its warm-up run
+    is the profiling run); the peak itself can only be measured on a GPU."""
+    from vllm_v2drop.dev.kv_probe import profiled_rows
+
+    info = compiled.collective_rpc(profiled_rows)[0]
+    assert info["max_num_tokens"] == COMPILED_TOKENS and info["num_stages"] >= 1
+    assert info["profiled"] == [COMPILED_TOKENS] * (info["num_stages"] + 1)

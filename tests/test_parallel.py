@@ -13,9 +13,9 @@ trace; PP ranks each record their own stages, merged here by layer.
 * TP=2 also runs once with its second rank scoring the opposite way (it would keep the LEAST
   active rows): the kept rows are still rank 0's on both ranks and the tokens are unchanged,
   since rank 0 decides and broadcasts (``runtime.same_on_every_rank``).
-* TP=2 and PP=2 with ``kv_mode: per_stage``: blocks in use equal the plan (vLLM's usage metric;
-  prefix caching off there, so that identical prompts hold their own blocks; the other engines
-  keep vLLM's default, on).
+* TP=2 and PP=2 run ``kv_mode: per_stage`` (the TP=1 engine runs ``shared``): blocks in use
+  equal the plan (vLLM's usage metric; prefix caching off there, so that identical prompts hold
+  their own blocks; the TP=1 engine keeps vLLM's default, on).
 * PP=2 runs with torch.compile on: vLLM 0.32's CPU runner with ``enforce_eager`` and PP > 1
   fails in stock vLLM too (no intermediate-tensor buffers without a warm-up run).
 * DP=2 through ``vllm serve``: a burst of concurrent chats, each answered as the TP=1 engine
@@ -202,35 +202,6 @@ def single(model_dir, tmp_path_factory):
     return res
 
 
-@pytest.fixture(scope="module")
-def tp2(model_dir, tmp_path_factory):
-    trace = tmp_path_factory.mktemp("tp2")
-    with parallel_engine(model_dir, tensor_parallel_size=2, **ENGINE, **_v2drop(trace)) as llm:
-        res = run_workload(llm, model_dir)
-        res["logs"] = llm.collective_rpc(_logs_requests)
-        llm.collective_rpc(_contrarian, args=(True,))
-        try:
-            outs = generate_each(llm, list(named(model_dir).values()), MAX_TOKENS)
-        finally:
-            llm.collective_rpc(_contrarian, args=(False,))
-    res["contrary"] = {"tokens": tokens(outs), "ids": [o.request_id for o in outs]}
-    res["ranks"], res["trace"] = traced(trace, res)
-    res["contrary"]["ranks"], res["contrary"]["trace"] = traced(trace, res["contrary"])
-    return res
-
-
-@pytest.fixture(scope="module")
-def pp2(model_dir, tmp_path_factory):
-    trace = tmp_path_factory.mktemp("pp2")
-    # enforce_eager=False: stock vLLM 0.32 on CPU cannot run PP > 1 eagerly (see the module doc)
-    with parallel_engine(model_dir, pipeline_parallel_size=2, **{**ENGINE, "enforce_eager": False},
-                    **_v2drop(trace)) as llm:
-        res = run_workload(llm, model_dir)
-        res["logs"] = llm.collective_rpc(_logs_requests)
-    res["ranks"], res["trace"] = traced(trace, res)
-    return res
-
-
 def _metrics(llm) -> dict:
     names = {"vllm:kv_cache_usage_perc": "usage", "vllm:num_requests_running": "running"}
     return {names[m.name]: m.value for m in llm.get_metrics() if m.name in names}
@@ -241,15 +212,17 @@ def _image_request(model_dir) -> dict:
             "multi_modal_data": {"image": make_image((336, 224), 1)}}
 
 
-def per_stage_workload(model_dir, **parallel) -> dict:
-    """``kv_mode: per_stage``: every rank's KV groups, blocks in use after every step of 3 identical
-    image requests, and the named requests' tokens."""
+def parallel_run(model_dir, trace, contrary: bool = False, **parallel) -> dict:
+    """One engine per parallel configuration, ``kv_mode: per_stage`` (prefix caching off, so that
+    identical prompts hold their own blocks), tracing: every rank's KV groups and the blocks in use
+    after every step of 3 identical image requests; then the workload; with ``contrary``, the named
+    requests again with every rank but 0 scoring the opposite way."""
     from vllm import SamplingParams
 
     from vllm_v2drop.dev.kv_probe import kv_groups
 
     with parallel_engine(model_dir, disable_log_stats=False, max_num_batched_tokens=4096, **parallel,
-                         **{**ENGINE, "enable_prefix_caching": False}, **_v2drop(kv_mode="per_stage")) as llm:
+                         **{**ENGINE, "enable_prefix_caching": False}, **_v2drop(trace, "per_stage")) as llm:
         groups = llm.collective_rpc(kv_groups)
         engine, pool = llm.llm_engine, groups[0][0]["num_blocks"]
         params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -260,20 +233,31 @@ def per_stage_workload(model_dir, **parallel) -> dict:
             outs.update({o.request_id: o for o in engine.step() if o.finished})
             m = _metrics(llm)
             steps.append({"running": m["running"], "blocks": round(m["usage"] * (pool - 1))})
-        res = {"groups": groups, "steps": steps, "prompt": outs["in0"].prompt_token_ids}
-        res["tokens"] = dict(zip(named(model_dir), tokens(generate_each(llm, list(named(model_dir).values()),
-                                                                         MAX_TOKENS))))
+        res = run_workload(llm, model_dir)
+        res.update(groups=groups, steps=steps, prompt=outs["in0"].prompt_token_ids,
+                   logs=llm.collective_rpc(_logs_requests))
+        if contrary:
+            llm.collective_rpc(_contrarian, args=(True,))
+            try:
+                outs = generate_each(llm, list(named(model_dir).values()), MAX_TOKENS)
+            finally:
+                llm.collective_rpc(_contrarian, args=(False,))
+            res["contrary"] = {"tokens": tokens(outs), "ids": [o.request_id for o in outs]}
+    res["ranks"], res["trace"] = traced(trace, res)
+    if contrary:
+        res["contrary"]["ranks"], res["contrary"]["trace"] = traced(trace, res["contrary"])
     return res
 
 
 @pytest.fixture(scope="module")
-def tp2_per_stage(model_dir):
-    return per_stage_workload(model_dir, tensor_parallel_size=2)
+def tp2(model_dir, tmp_path_factory):
+    return parallel_run(model_dir, tmp_path_factory.mktemp("tp2"), contrary=True, tensor_parallel_size=2)
 
 
 @pytest.fixture(scope="module")
-def pp2_per_stage(model_dir):
-    return per_stage_workload(model_dir, pipeline_parallel_size=2, enforce_eager=False)
+def pp2(model_dir, tmp_path_factory):
+    # enforce_eager=False: stock vLLM 0.32 on CPU cannot run PP > 1 eagerly (see the module doc)
+    return parallel_run(model_dir, tmp_path_factory.mktemp("pp2"), pipeline_parallel_size=2, enforce_eager=False)
 
 
 # -------------------------------------------------------------------------------------- tests
@@ -295,7 +279,7 @@ def test_tp2_equals_tp1(single, tp2):
 
 def test_tp2_every_rank_records_the_same_kept_rows(tp2):
     ranks = tp2["ranks"]
-    assert len(ranks) == 2 and len(ranks[0]) == 3 + 7 + 3  # the workload, then the contrary run
+    assert len(ranks) == 2 and len(ranks[0]) == INFLIGHT + 3 + 7 + 3  # in-flight, the workload, the contrary run
     assert ranks[0] == ranks[1]
     assert all(rec["layers"] == SCHEDULE["layers"] for rec in ranks[0].values())
 
@@ -321,14 +305,14 @@ def test_one_rank_logs_requests(tp2, pp2):
     assert tp2["logs"] == pp2["logs"] == [True, False]
 
 
-@pytest.mark.parametrize("config", ["tp2_per_stage", "pp2_per_stage"])
+@pytest.mark.parametrize("config", ["tp2", "pp2"])
 def test_per_stage_blocks_match_plan(single, config, model_dir, request):
     """``kv_mode: per_stage`` with TP=2 and PP=2: the blocks in use are the plan's; one device's tokens."""
     from vllm_v2drop.core.request_plan import plan_request
 
     res = request.getfixturevalue(config)
     assert len(res["groups"]) == 2
-    if config == "tp2_per_stage":
+    if config == "tp2":
         assert res["groups"][0] == res["groups"][1]  # the same KV groups on both ranks
     else:  # the same groups (stages) on both ranks, each with its own layers in them
         assert [g["stage"] for g in res["groups"][0]] == [g["stage"] for g in res["groups"][1]]

@@ -289,19 +289,25 @@ def test_kv_blocks_in_use_equal_plan_sums(client, server):
                 break
         resp.close()
 
+    def made() -> int:  # output tokens the server has made (all requests)
+        return round(metric(scrape(url), "vllm:generation_tokens_total"))
+
+    def wait_until(done, what: str, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert time.monotonic() < deadline, f"timed out waiting until {what}"
+            time.sleep(0.05)
+
+    made_before = made()
     post(url, "/pause?mode=keep")
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(reqs))]
     try:
         for t in threads:
             t.start()
-        time.sleep(3)  # all four queued behind the pause
 
-        def settled() -> list[int]:  # the tokens already made have reached the client
-            seen = None
-            while seen != counts:
-                seen = list(counts)
-                time.sleep(0.3)
-            return seen
+        def settled() -> list[int]:  # every token the server made has reached the clients
+            wait_until(lambda: sum(counts) == made() - made_before, "the clients have every token made")
+            return list(counts)
 
         # The tiny model makes 1500 tokens in about a second: let the engine run in short bursts
         # (resume, pause at once) until every request is past its prefill, then read the pool.

@@ -6,7 +6,7 @@ text, 4- and 8-frame videos, streaming, logprobs, prompt logprobs, stop strings,
 ``n=4`` requests with two large images, client aborts, malformed requests. ``shared``: 150 requests,
 24 at a time, a 36-block pool. ``per_stage``: 200 requests, 32 at a time, 32-token blocks and a
 2,304-token pool, so that prefix caching Level 2 reuses pruned KV while blocks are evicted and
-requests preempted, under the KV audit. Each run checks: the server is alive, no 5xx, every
+requests preempted, under the KV audit, with the quality probe at rate 1.0. Each run checks: the server is alive, no 5xx, every
 malformed request got a 4xx, no valid request failed, every greedy answer equals the same request
 sent alone, no request hung, running / waiting / KV usage back to 0, no traceback through
 ``vllm_v2drop`` in the server log, and the pool did force preemptions.
@@ -42,8 +42,10 @@ def log_tail(res: dict, lines: int = 60) -> str:
 # per_stage runs prefix caching Level 2 under pressure: 32-token blocks (the chats reuse the pruned KV of
 # the turn before), a pool of 2,304 tokens, 32 requests at a time; the KV audit checks every reuse. At
 # this size a lookup that ended inside a block the same step had not written yet broke answers.
+# It also runs the quality probe at rate 1.0: every pruned answer gets its unpruned shadow (as many as the
+# probe's limits let start), and the answers stay those of the requests sent alone.
 PER_STAGE = ["-n", "200", "-c", "32", "--block-size", "32", "--kv-blocks", "18", "--max-model-len", "2048",
-             "--max-num-batched-tokens", "2048"]
+             "--max-num-batched-tokens", "2048", "--probe-rate", "1.0"]
 # chunked_items: a 64-token step budget splits every image and video across steps
 CHUNKED = ["--chunked-items", "--max-num-batched-tokens", "64"]
 COMBOS = [(a, m, c) for a in soak.ARCHS for m in soak.KV_MODES for c in (False, True)]
@@ -67,10 +69,13 @@ def test_soak(arch, kv_mode, chunked, tmp_path):
     assert res["valid_failed"] == 0, res["valid_failed_examples"]
     assert res["compared"] > NUM_REQUESTS // 3 and res["mismatches"] == 0, res["mismatch_examples"]
     assert res["hangs"] == 0
-    assert res["final"] == {"num_requests_running": 0, "num_requests_waiting": 0, "kv_cache_usage_perc": 0}, \
-        res["final"]
+    idle = {"num_requests_running": 0, "num_requests_waiting": 0, "kv_cache_usage_perc": 0}
+    if kv_mode == "per_stage":  # and the quality probe follows no request, runs no shadow
+        idle |= {"v2drop_probe_watched": 0, "v2drop_probe_in_flight": 0}
+    assert res["final"] == idle, res["final"]
     assert res["v2drop_tracebacks"] == 0, res["v2drop_traceback_tails"]
     assert res["preemptions"] > 0, "the KV pool was meant to force preemptions"
     if kv_mode == "per_stage":  # the chats hit the pruned KV of the turn before
         assert res["prefix_cache"]["hits"] > 0, res["prefix_cache"]
+        assert res["probe"]["requests"] > 0 and not res["probe"]["skipped"].get("error"), res["probe"]
     assert res["ok"], res["checks"]

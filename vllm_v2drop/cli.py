@@ -27,7 +27,39 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--grid", help="patch grid TxHxW (or HxW) instead of inferring it from the picture")
     st.add_argument("--cell", type=int, default=24, help="pixels per patch (default 24)")
 
+    ag = sub.add_parser("agreement", help="what each V2Drop budget does to your own requests' answers "
+                        "(teacher-forced agreement with the unpruned model)")
+    ag.add_argument("--model", required=True, help="model directory or name")
+    ag.add_argument("--requests", required=True, metavar="FILE.jsonl",
+                    help='one OpenAI chat request per line: {"messages": [...], "max_tokens": n}')
+    ag.add_argument("--budgets", default="0.5,0.35,0.25,0.15",
+                    help="comma-separated target retentions (v2drop_target_retention), default 0.5,0.35,0.25,0.15")
+    ag.add_argument("--png", help="draw agreement against retention into this PNG (needs matplotlib)")
+    ag.add_argument("--max-tokens", type=int, default=64, help="answer length when a request gives none")
+    ag.add_argument("--v2drop-config", default="{}", help="V2Drop settings (JSON), as in --additional-config")
+    ag.add_argument("--dtype", default="auto")
+    ag.add_argument("--max-model-len", type=int)
+    ag.add_argument("--enforce-eager", action="store_true")
+    ag.add_argument("--engine-args", default="{}", help="more vllm.LLM arguments (JSON object)")
+
     args = parser.parse_args(argv)
+    if args.cmd == "agreement":
+        import json
+
+        from vllm_v2drop.agreement import run
+
+        try:
+            budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+        except ValueError:
+            parser.error(f"--budgets: comma-separated numbers, got {args.budgets!r}")
+        engine = {"dtype": args.dtype, **json.loads(args.engine_args)}
+        if args.max_model_len:
+            engine["max_model_len"] = args.max_model_len
+        if args.enforce_eager:
+            engine["enforce_eager"] = True
+        print(run(args.model, args.requests, budgets, args.png, args.max_tokens,
+                  json.loads(args.v2drop_config), engine))
+        return 0
     if args.cmd == "show-trace":
         from vllm_v2drop.show_trace import show_trace
 

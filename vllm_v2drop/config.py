@@ -30,7 +30,7 @@ from vllm_v2drop.core.scorers import SCORERS
 from vllm_v2drop.errors import V2DropStartupError
 from vllm_v2drop.presets import PRESETS, default_preset_for, scale_layers
 
-__all__ = ["ResolvedSchedule", "V2DropConfig", "V2DropConfigError"]
+__all__ = ["QualityProbeConfig", "ResolvedSchedule", "V2DropConfig", "V2DropConfigError"]
 
 Modality = Literal["image", "video"]
 
@@ -52,6 +52,14 @@ ALLOWED: dict[str, str] = {
     "kv_mode": "shared, per_stage",
     "chunked_items": "true or false",
     "allow_request_overrides": "true or false",
+    "quality_probe": 'null or an object {"rate": ..., "max_in_flight": ..., "max_waiting": ...}',
+}
+
+#: What each field of ``quality_probe`` accepts.
+PROBE_ALLOWED: dict[str, str] = {
+    "rate": "a number in [0, 1], the share of pruned requests probed",
+    "max_in_flight": "an integer >= 1, the most probes running at once",
+    "max_waiting": "an integer >= 0, the most requests waiting for their first token at which a probe still starts",
 }
 
 
@@ -73,6 +81,18 @@ def _format_validation_error(err: ValidationError) -> str:
         if e["type"] == "value_error":  # our own validators already name the field
             problems.append(str(e["ctx"]["error"]))
             continue
+        if len(loc) >= 2 and loc[0] == "quality_probe" and isinstance(loc[1], str):
+            sub = str(loc[1])
+            if e["type"] == "extra_forbidden" or sub not in PROBE_ALLOWED:
+                problems.append(f"quality_probe.{sub}: unknown key (allowed keys: {', '.join(PROBE_ALLOWED)})")
+            else:
+                problems.append(f"quality_probe.{sub}: {e['msg'].lower()}, got {e['input']!r} "
+                                f"(allowed: {PROBE_ALLOWED[sub]})")
+            continue
+        if loc == ("quality_probe",) and e["type"].startswith("model"):
+            problems.append(f"quality_probe: must be a JSON object, got {e['input']!r} "
+                            f"(allowed: {ALLOWED['quality_probe']})")
+            continue
         field = str(loc[0]) if loc else "v2drop"
         where = field + "".join(f"[{part}]" for part in loc[1:])
         if e["type"] == "extra_forbidden":
@@ -82,6 +102,47 @@ def _format_validation_error(err: ValidationError) -> str:
         else:
             problems.append(f"{where}: {e['msg']}")
     return "; ".join(problems)
+
+
+class QualityProbeConfig(BaseModel):
+    """``quality_probe``: the live agreement probe (:mod:`vllm_v2drop.frontend.probe`).
+
+    Fields:
+        rate: the share of finished pruned requests that get a teacher-forced shadow
+            (a request's ``v2drop_probe`` overrides it either way).
+        max_in_flight: the most shadows running at once; more are skipped (and counted).
+        max_waiting: a shadow is skipped (and counted) while more requests than this wait
+            for their first token.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    rate: float = 0.01
+    max_in_flight: int = 4
+    max_waiting: int = 8
+
+    @field_validator("rate")
+    @classmethod
+    def _check_rate(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"quality_probe.rate: must lie in [0, 1], got {v} (allowed: {PROBE_ALLOWED['rate']})")
+        return float(v)
+
+    @field_validator("max_in_flight")
+    @classmethod
+    def _check_in_flight(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"quality_probe.max_in_flight: must be >= 1, got {v} "
+                             f"(allowed: {PROBE_ALLOWED['max_in_flight']})")
+        return v
+
+    @field_validator("max_waiting")
+    @classmethod
+    def _check_waiting(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"quality_probe.max_waiting: must be >= 0, got {v} "
+                             f"(allowed: {PROBE_ALLOWED['max_waiting']})")
+        return v
 
 
 class V2DropConfig(BaseModel):
@@ -110,6 +171,7 @@ class V2DropConfig(BaseModel):
             (``v2drop_*`` keys of ``SamplingParams.extra_args`` / the OpenAI
             ``vllm_xargs``; see :mod:`vllm_v2drop.overrides`). False pins the
             engine's schedule: such keys are refused.
+        quality_probe: the live agreement probe (off when null): :class:`QualityProbeConfig`.
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -127,6 +189,7 @@ class V2DropConfig(BaseModel):
     kv_mode: Literal["shared", "per_stage"] = "shared"
     chunked_items: bool = False
     allow_request_overrides: bool = True
+    quality_probe: QualityProbeConfig | None = None
 
     def __init__(self, **data: Any) -> None:
         try:

@@ -7,7 +7,10 @@ pass ``SamplingParams(extra_args={...})``. Keys:
 * ``v2drop_off`` (bool): the request is not pruned;
 * ``v2drop_target_retention`` (number in ``(0, 1]``): keep ratios solved for the
   engine's layers, as the config's ``target_retention`` is;
-* ``v2drop_keep_ratios`` (list of numbers in ``[0, 1]``, one per engine layer).
+* ``v2drop_keep_ratios`` (list of numbers in ``[0, 1]``, one per engine layer);
+* ``v2drop_probe`` (bool): on a server with the quality probe on (``quality_probe`` in the
+  config), ``true`` probes this request whatever the sampling rate, ``false`` exempts it
+  (:mod:`vllm_v2drop.frontend.probe`). It changes nothing in how the request runs.
 
 The layers stay the engine's: they fix the KV-cache layout. :func:`parse` is the one
 reader of these keys. The frontend calls it (through :func:`validate`) before a request
@@ -16,7 +19,7 @@ scheduler call it again inside :func:`vllm_v2drop.worker.runtime.plan_for`, so b
 request with the same ratios and KV blocks always match the rows written.
 
 vLLM's ``vllm_xargs`` has no boolean type: pydantic turns JSON ``true`` / ``false``
-into ``1`` / ``0``, so ``v2drop_off`` accepts those too.
+into ``1`` / ``0``, so ``v2drop_off`` and ``v2drop_probe`` accept those too.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Any
 from vllm_v2drop.core.counts import solve_keep_ratios
 from vllm_v2drop.seams.errors import validation_error_base
 
-__all__ = ["KEYS", "RequestOverride", "V2DropRequestError", "parse", "validate"]
+__all__ = ["KEYS", "RequestOverride", "V2DropRequestError", "parse", "probe_choice", "validate"]
 
 PREFIX = "v2drop_"
 
@@ -39,6 +42,7 @@ KEYS: dict[str, str] = {
     "v2drop_off": "true or false (1 or 0)",
     "v2drop_target_retention": "a number in (0, 1]",
     "v2drop_keep_ratios": "a list of numbers in [0, 1], one per layer of the engine's schedule",
+    "v2drop_probe": "true or false (1 or 0)",
 }
 
 
@@ -65,11 +69,13 @@ class V2DropRequestError(validation_error_base(), ValueError):
 
 @dataclass(frozen=True)
 class RequestOverride:
-    """What a request asked for: off, or its own keep ratios (one per engine layer)."""
+    """What a request asked for: off, or its own keep ratios (one per engine layer); and whether
+    the quality probe must (True) or must not (False) probe it (None: the sampling rate decides)."""
 
     off: bool = False
     keep_ratios: tuple[float, ...] | None = None
     source: str = ""  # "off" | "target_retention=0.3" | "keep_ratios" (for logs)
+    probe: bool | None = None
 
 
 def _is_number(v: Any) -> bool:
@@ -104,13 +110,8 @@ def parse(extra_args: Mapping[str, Any] | None, schedule) -> RequestOverride | N
             keys[0], "this server pins its V2Drop schedule (allow_request_overrides: false); "
             "send the request without v2drop_* keys")
 
-    off = False
-    if "v2drop_off" in extra_args:
-        v = extra_args["v2drop_off"]
-        if isinstance(v, bool) or (isinstance(v, int) and v in (0, 1)):
-            off = bool(v)
-        else:
-            raise V2DropRequestError("v2drop_off", f"got {v!r}")
+    off = _flag(extra_args, "v2drop_off") or False
+    probe = _flag(extra_args, "v2drop_probe")
     if "v2drop_keep_ratios" in extra_args and "v2drop_target_retention" in extra_args:
         raise V2DropRequestError("v2drop_keep_ratios",
                                  "give v2drop_keep_ratios or v2drop_target_retention, not both")
@@ -138,7 +139,28 @@ def parse(extra_args: Mapping[str, Any] | None, schedule) -> RequestOverride | N
             raise V2DropRequestError("v2drop_keep_ratios", f"ratio {bad[0]!r} is outside [0, 1] in {list(v)}")
         ratios = tuple(float(r) for r in v)
         source = source or "keep_ratios"
-    return RequestOverride(off=off, keep_ratios=None if off else ratios, source=source)
+    return RequestOverride(off=off, keep_ratios=None if off else ratios, source=source, probe=probe)
+
+
+def _flag(extra_args: Mapping[str, Any], key: str) -> bool | None:
+    if key not in extra_args:
+        return None
+    v = extra_args[key]
+    if isinstance(v, bool) or (isinstance(v, int) and v in (0, 1)):
+        return bool(v)
+    raise V2DropRequestError(key, f"got {v!r}")
+
+
+def probe_choice(extra_args: Mapping[str, Any] | None, schedule) -> bool | None:
+    """The request's ``v2drop_probe`` (True / False), or None when it sends none (or a bad
+    setting, which the frontend refused already)."""
+    if not extra_args or "v2drop_probe" not in extra_args:
+        return None
+    try:
+        override = parse(extra_args, schedule)
+    except ValueError:
+        return None
+    return None if override is None else override.probe
 
 
 def validate(sampling_params, schedule) -> None:

@@ -36,10 +36,11 @@ from dataclasses import dataclass, field
 
 from vllm_v2drop.core.requests import plan_for, request_override, request_view
 from vllm_v2drop.core.kv_layout import group_layout, stage_layer_counts
+from vllm_v2drop.overrides import probe_choice
 
 logger = logging.getLogger("vllm.v2drop")
 
-__all__ = ["METRICS", "FrontendStats", "stats_of"]
+__all__ = ["METRICS", "FrontendStats", "make_metric", "retention_of", "stats_of"]
 
 #: Prometheus metric names (counters get vLLM's ``_total`` suffix on ``/metrics``) -> what they count.
 METRICS: dict[str, str] = {
@@ -82,6 +83,7 @@ class FrontendStats:
     prometheus: bool = False
     totals: dict = field(default_factory=dict)
     live: dict = field(default_factory=dict)
+    probe: object = None  # the quality probe (vllm_v2drop.frontend.probe.QualityProbe), when on
 
     def __post_init__(self) -> None:
         s = self.schedule
@@ -117,6 +119,13 @@ class FrontendStats:
             reason = ("prompt_logprobs" if view.wants_prompt_logprobs else
                       "request_off" if override is not None and override.off else "schedule")
         self.live[request.request_id] = _Live(plan, n, reason=reason)
+        if self.probe is not None and reason != "prompt_logprobs":
+            self.probe.consider(
+                request, pruned=reason is None, choice=probe_choice(view.extra_args, self.schedule),
+                modalities=[it.modality for it in view.items if it.modality in self.schedule.modalities],
+                retention=retention_of(self.schedule, plan), vision_rows=plan.total_vision_rows,
+                vision_rows_per_layer=plan.rows_per_layer(self.schedule.layers, self.schedule.num_layers)
+                if plan.pruned else [plan.total_vision_rows] * self.schedule.num_layers)
 
     def on_outputs(self, outputs) -> None:
         """``OutputProcessor.process_outputs``: count a request at its first token; blocks at its end."""
@@ -161,9 +170,8 @@ class FrontendStats:
     def _count_request(self, plan) -> None:
         s = self.schedule
         per_stage = [int(x) for x in plan.counts.sum(axis=0)]
-        per_layer = plan.rows_per_layer(s.layers, s.num_layers)
         n0 = plan.total_vision_rows
-        retention = sum(per_layer) / (len(per_layer) * n0) if n0 else 1.0
+        retention = retention_of(s, plan)
         t = self.totals
         t["requests_pruned"] += 1
         t["vision_rows_received"] += n0
@@ -194,8 +202,26 @@ class FrontendStats:
             self._prom[key].inc(value)
 
 
+def retention_of(schedule, plan) -> float:
+    """A request's share of its vision rows present per decoder layer, averaged over the layers
+    (1.0 for a request that is not pruned)."""
+    if not plan.pruned:
+        return 1.0
+    per_layer = plan.rows_per_layer(schedule.layers, schedule.num_layers)
+    n0 = plan.total_vision_rows
+    return sum(per_layer) / (len(per_layer) * n0) if n0 else 1.0
+
+
 # ------------------------------------------------------------------------------- Prometheus
 _registered: list = []
+
+
+def make_metric(cls, name: str, docs: dict, labels=(), **kw):
+    """A V2Drop metric in prometheus_client's default registry, labelled by ``model_name`` first;
+    :func:`_prometheus_metrics` unregisters it when the next engine of the process creates its own."""
+    m = cls(name, docs[name], labelnames=["model_name", *labels], **kw)
+    _registered.append(m)
+    return m
 
 
 def _prometheus_metrics(stats: FrontendStats) -> dict:
@@ -214,9 +240,7 @@ def _prometheus_metrics(stats: FrontendStats) -> dict:
     _registered.clear()
 
     def make(cls, name, labels=(), **kw):
-        m = cls(name, METRICS[name], labelnames=["model_name", *labels], **kw)
-        _registered.append(m)
-        return m
+        return make_metric(cls, name, METRICS, labels, **kw)
 
     model = stats.model_name
     unpruned = make(Counter, "vllm:v2drop_requests_unpruned", ["reason"])

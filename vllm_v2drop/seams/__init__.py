@@ -10,6 +10,7 @@ there:
 * :mod:`.kv_cache`: the coordinator, the stage managers, the per-stage KV spec (engine core, worker);
 * :mod:`.runner`: each stage's attention metadata and slot mapping (worker);
 * :mod:`.frontend`: per-request settings at admission, metrics (API server / ``LLM``);
+* :mod:`.probe`: the quality probe's shadow requests (API server / ``LLM``);
 * :mod:`.models`: the model classes of ``models/`` (declaration only).
 
 Every replacement goes through :func:`._patch.patch` (one idempotency scheme). :func:`check_seams`
@@ -46,9 +47,9 @@ __all__ = ["SEAMS", "V2DropSeamError", "all_seams", "check_seams", "find_mismatc
 
 def all_seams() -> tuple[Seam, ...]:
     """Every seam's declaration (imports the seam modules, hence vLLM's internals they subclass)."""
-    from vllm_v2drop.seams import frontend, kv_cache, models, registry, runner, scheduler
+    from vllm_v2drop.seams import frontend, kv_cache, models, probe, registry, runner, scheduler
 
-    return (scheduler.SEAM, kv_cache.SEAM, runner.SEAM, frontend.SEAM, registry.SEAM, models.SEAM)
+    return (scheduler.SEAM, kv_cache.SEAM, runner.SEAM, frontend.SEAM, probe.SEAM, registry.SEAM, models.SEAM)
 
 
 def __getattr__(name: str):

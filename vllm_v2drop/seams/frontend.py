@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+from vllm_v2drop.config import V2DropConfig
 from vllm_v2drop.core.architectures import is_v2drop_model
 from vllm_v2drop.core.schedule import resolve_schedule
 from vllm_v2drop.frontend.stats import FrontendStats
@@ -70,6 +71,15 @@ def _attach(engine, prometheus: bool) -> None:
         prometheus=prometheus,
     )
     engine.output_processor._v2drop_stats = stats
+    settings = V2DropConfig.from_additional_config(config.additional_config).quality_probe
+    if settings is not None:
+        from vllm_v2drop.seams.probe import attach_probe
+
+        try:
+            attach_probe(engine, stats, settings, is_async=prometheus, prometheus=prometheus,
+                         collect=not prometheus)
+        except Exception:  # noqa: BLE001 (the probe must never stop the server)
+            logger.exception("V2Drop: the quality probe is off")
 
 
 def install() -> None:
@@ -118,12 +128,26 @@ def install() -> None:
     def counted_outputs(process_outputs):
         def _process_outputs(self, engine_core_outputs, *args, **kwargs):
             stats = self.__dict__.get("_v2drop_stats")
-            if stats is not None and stats.live:
+            if stats is None:
+                return process_outputs(self, engine_core_outputs, *args, **kwargs)
+            probe = stats.probe
+            if probe is not None and probe.shadows:  # the probe's own shadows never reach vLLM's outputs
+                try:
+                    engine_core_outputs = probe.take_shadow_outputs(engine_core_outputs)
+                except Exception:  # noqa: BLE001
+                    logger.exception("V2Drop: quality probe update failed")
+            if stats.live:
                 try:
                     stats.on_outputs(engine_core_outputs)
                 except Exception:  # noqa: BLE001
                     logger.exception("V2Drop: metrics update failed")
-            return process_outputs(self, engine_core_outputs, *args, **kwargs)
+            result = process_outputs(self, engine_core_outputs, *args, **kwargs)
+            if probe is not None and probe.watched:  # after vLLM trimmed what follows a stop string
+                try:
+                    probe.after_outputs(engine_core_outputs, result.reqs_to_abort)
+                except Exception:  # noqa: BLE001
+                    logger.exception("V2Drop: quality probe update failed")
+            return result
 
         return _process_outputs
 
@@ -131,8 +155,11 @@ def install() -> None:
         def _abort_requests(self, *args, **kwargs):
             aborted = abort_requests(self, *args, **kwargs)
             stats = self.__dict__.get("_v2drop_stats")
-            if stats is not None and stats.live:
-                stats.on_abort(aborted)
+            if stats is not None:
+                if stats.live:
+                    stats.on_abort(aborted)
+                if stats.probe is not None and stats.probe.watched:
+                    stats.probe.on_abort(aborted)
             return aborted
 
         return _abort_requests
