@@ -432,6 +432,8 @@ def summarize(out: dict, log_text: str, alive: bool) -> dict:
 
 def v2drop_config(args) -> dict:
     cfg = {"kv_mode": args.kv_mode}
+    if args.chunked_items:
+        cfg["chunked_items"] = True
     if args.probe_rate is not None:
         cfg["quality_probe"] = {"rate": args.probe_rate}
     return cfg
@@ -462,6 +464,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="KV block size (the CPU backend's default is 128; 32 makes prefix caching hit more)")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--chunked-items", action="store_true",
+                   help="V2Drop chunked_items: with a small --max-num-batched-tokens, vision items are split across steps")
     p.add_argument("--seeded-sampling", action="store_true",
                    help="seed the n2 / burst requests and compare them too (kills vLLM 0.32's CPU engine)")
     p.add_argument("--probe-rate", type=float, default=None,

@@ -54,6 +54,27 @@ def test_forced_settings(tiny_models):
     assert off.cache_config.enable_prefix_caching is False
 
 
+def test_chunked_items_lets_items_split(tiny_models):
+    """With chunked_items vLLM's chunked prefill may split a vision item, even with a step budget
+    smaller than the largest item (vLLM refuses that budget when items must be whole)."""
+    chunked = {"v2drop": {"chunked_items": True}}
+    cfg = engine_config(tiny_models["qwen2-vl"], model_impl="v2drop", additional_config=chunked,
+                        max_num_batched_tokens=16, max_num_seqs=4)
+    assert cfg.scheduler_config.disable_chunked_mm_input is False
+    assert cfg.scheduler_config.max_num_batched_tokens == 16
+
+
+@pytest.mark.parametrize("arch, kw, refused", [
+    ("qwen2-vl", {"disable_chunked_mm_input": True}, "disable_chunked_mm_input"),
+    ("qwen3-vl", {"dtype": "float32"}, "DeepStack"),  # the tiny depth's default schedule drops at layer 1
+], ids=["disable-chunked-mm-input", "deepstack"])
+def test_chunked_items_refuses_what_it_cannot_do(tiny_models, arch, kw, refused):
+    msg = startup_error(tiny_models[arch], model_impl="v2drop", additional_config={"v2drop": {"chunked_items": True}},
+                        **kw)
+    line = next((ln for ln in msg.splitlines() if "V2Drop chunked_items cannot run with:" in ln), msg)
+    assert refused in line, msg
+
+
 def test_hf_overrides_select_a_variant(tiny_models):
     cfg = engine_config(
         tiny_models["qwen2-vl"], hf_overrides={"architectures": ["V2DropQwen2VLForConditionalGeneration"]}

@@ -11,7 +11,8 @@ malformed request got a 4xx, no valid request failed, every greedy answer equals
 sent alone, no request hung, running / waiting / KV usage back to 0, no traceback through
 ``vllm_v2drop`` in the server log, and the pool did force preemptions.
 About 45-85 s per parametrisation on the 2-core CI machine, so the suite runs two of the four
-(each architecture once, each KV mode once); ``V2DROP_SOAK_ALL=1`` runs all four.
+(each architecture once, each KV mode once); ``V2DROP_SOAK_ALL=1`` runs all four, and each again
+with ``chunked_items`` and a 64-token step budget that splits every vision item across steps.
 """
 
 from __future__ import annotations
@@ -45,14 +46,18 @@ def log_tail(res: dict, lines: int = 60) -> str:
 # probe's limits let start), and the answers stay those of the requests sent alone.
 PER_STAGE = ["-n", "200", "-c", "32", "--block-size", "32", "--kv-blocks", "18", "--max-model-len", "2048",
              "--max-num-batched-tokens", "2048", "--probe-rate", "1.0"]
-COMBOS = [(a, m) for a in soak.ARCHS for m in soak.KV_MODES]
+# chunked_items: a 64-token step budget splits every image and video across steps
+CHUNKED = ["--chunked-items", "--max-num-batched-tokens", "64"]
+COMBOS = [(a, m, c) for a in soak.ARCHS for m in soak.KV_MODES for c in (False, True)]
 if not os.environ.get("V2DROP_SOAK_ALL"):
-    COMBOS = [("llava-onevision", "shared"), ("qwen2-vl", "per_stage")]
+    COMBOS = [("llava-onevision", "shared", False), ("qwen2-vl", "per_stage", False)]
 
 
-@pytest.mark.parametrize(("arch", "kv_mode"), COMBOS)
-def test_soak(arch, kv_mode, tmp_path):
+@pytest.mark.parametrize(("arch", "kv_mode", "chunked"), COMBOS)
+def test_soak(arch, kv_mode, chunked, tmp_path):
     size = PER_STAGE if kv_mode == "per_stage" else ["-n", str(NUM_REQUESTS), "-c", str(CONCURRENCY)]
+    if chunked:  # the last --max-num-batched-tokens given wins
+        size = [*size, *CHUNKED]
     res = soak.run_soak(["--arch", arch, "--kv-mode", kv_mode, *size,
                          "--log", str(tmp_path / "server.log"), "--out", str(tmp_path / "soak.json")])
     print({k: res[k] for k in ("requests_by_category", "status", "compared", "preemptions", "peak", "load_s",

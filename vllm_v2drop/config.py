@@ -50,6 +50,7 @@ ALLOWED: dict[str, str] = {
     "seed": "an integer",
     "trace": "null or a directory path (string)",
     "kv_mode": "shared, per_stage",
+    "chunked_items": "true or false",
     "allow_request_overrides": "true or false",
     "quality_probe": 'null or an object {"rate": ..., "max_in_flight": ..., "max_waiting": ...}',
 }
@@ -163,6 +164,9 @@ class V2DropConfig(BaseModel):
         seed: seed of the ``random`` metric.
         trace: directory to write per-request traces to.
         kv_mode: ``shared`` (one block table) or ``per_stage`` (KV groups per stage).
+        chunked_items: let chunked prefill split a vision item across steps (items longer than
+            ``--max-num-batched-tokens``): its rows wait at the first drop layer until the item
+            completes (docs/chunked-items.md). Off: every item is computed in one step.
         allow_request_overrides: whether a request may choose its own budget
             (``v2drop_*`` keys of ``SamplingParams.extra_args`` / the OpenAI
             ``vllm_xargs``; see :mod:`vllm_v2drop.overrides`). False pins the
@@ -183,6 +187,7 @@ class V2DropConfig(BaseModel):
     seed: int = 0
     trace: str | None = None
     kv_mode: Literal["shared", "per_stage"] = "shared"
+    chunked_items: bool = False
     allow_request_overrides: bool = True
     quality_probe: QualityProbeConfig | None = None
 
@@ -370,6 +375,7 @@ class V2DropConfig(BaseModel):
             modalities=tuple(self.modalities),
             trace=self.trace,
             kv_mode=self.kv_mode,
+            chunked_items=self.chunked_items,
             reference_rows=self.reference_rows,
             allow_request_overrides=self.allow_request_overrides,
         )
@@ -397,6 +403,7 @@ class ResolvedSchedule:
     modalities: tuple[Modality, ...] = ("image", "video")
     trace: str | None = None
     kv_mode: Literal["shared", "per_stage"] = "shared"
+    chunked_items: bool = False
     reference_rows: int = 576
     allow_request_overrides: bool = True
 

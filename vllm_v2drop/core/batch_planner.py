@@ -30,9 +30,10 @@ class BatchPlanner:
     that compute vision rows in this step (a pure decode step runs no Python loop).
     """
 
-    def __init__(self, num_stages: int, plan_of: Callable[[str], RequestPlan]) -> None:
+    def __init__(self, num_stages: int, plan_of: Callable[[str], RequestPlan], chunked: bool = False) -> None:
         self.num_stages = num_stages
         self.plan_of = plan_of
+        self.chunked = chunked  # steps may end inside an item (plan_step's ``chunked``)
         self.plans: dict[str, RequestPlan] = {}
         self.ids = np.empty(0, dtype=object)
         self.synced: list[str] = []  # the request order of the last sync (a copy)
@@ -105,13 +106,19 @@ class BatchPlanner:
         segment = np.full(len(token_index), -1, dtype=np.int64)
         none = np.zeros(0, np.int64)
         seg_counts, seg_request, seg_item = np.zeros((0, self.num_stages + 1), np.int64), none, none
+        chunks = {}
         if mid.any():
             idx = np.flatnonzero(mid)
-            sub = plan_step([self.rows[i] for i in idx.tolist()], nc[idx], ns[idx])
+            sub = plan_step([self.rows[i] for i in idx.tolist()], nc[idx], ns[idx], chunked=self.chunked)
             kv_starts[:, idx], seq_lens[:, idx] = sub.kv_starts, sub.seq_lens
             rows = np.concatenate([np.arange(row_start[i], row_start[i + 1]) for i in idx.tolist()])
             segment[rows] = sub.segment
             seg_counts, seg_request, seg_item = sub.seg_counts, idx[sub.seg_request], sub.seg_item
+            if sub.uses_stash:
+                chunks = dict(stash_req=idx[sub.stash_req], stash_rows=sub.stash_rows, stash_item=sub.stash_item,
+                              resume_req=idx[sub.resume_req], resume_rows=sub.resume_rows,
+                              resume_item=sub.resume_item, resume_done=sub.resume_done,
+                              rejoin_segment=sub.rejoin_segment, rejoin_token_index=sub.rejoin_token_index)
         return StepPlan(
             query_lens=seq_lens - kv_starts,
             seq_lens=seq_lens,
@@ -121,6 +128,7 @@ class BatchPlanner:
             seg_counts=seg_counts,
             seg_request=seg_request,
             seg_item=seg_item,
+            **chunks,
         )
 
     def _plan_done(self, nc: np.ndarray, ns: np.ndarray, end: np.ndarray) -> StepPlan | None:

@@ -91,13 +91,24 @@ class RequestPlan:
         """Rows each item has lost by stage ``stage`` (``n0 - n_stage``), int64 ``[num_items]``."""
         return self.counts[:, 0] - self.counts[:, stage]
 
+    @property
+    def defers(self) -> bool:
+        """Whether an item split by a prefix is held back from the stages >= 1 until it completes
+        (a plan that drops rows ranks each item whole; one that drops nothing runs every row
+        through every layer as it comes)."""
+        return self.drops_anything
+
+    def split_item(self, prefix_len: int) -> int:
+        """The item that ``prefix_len`` splits (``starts[i] < prefix_len < ends[i]``), or -1."""
+        i = int(np.searchsorted(self.ends, prefix_len, side="right"))
+        return i if i < self.num_items and self.starts[i] < prefix_len else -1
+
     def dropped_before(self, stage: int, prefix_len: int) -> int:
         """Rows dropped by stage ``stage`` among the first ``prefix_len`` prompt positions.
 
-        Sums ``n0 - n_stage`` over the items with ``end <= prefix_len``. The
-        engine never splits an item across prefill chunks, so ``prefix_len``
-        never lies strictly inside an item; if it does, that item is not
-        counted (only whole items are).
+        Sums ``n0 - n_stage`` over the items with ``end <= prefix_len``; an item the prefix splits
+        is not counted (only whole items are). See :meth:`compact_len` for where such an item's
+        rows are.
         """
         return int(self.dropped_before_many(stage, np.asarray([prefix_len]))[0])
 
@@ -106,7 +117,12 @@ class RequestPlan:
         return self._cum_dropped[stage][np.searchsorted(self.ends, np.asarray(prefix_lens), side="right")]
 
     def compact_len(self, stage: int, prefix_len: int) -> int:
-        """Rows of the first ``prefix_len`` prompt positions present in stage ``stage``."""
+        """Rows of the first ``prefix_len`` prompt positions present in stage ``stage``.
+
+        A prefix that ends inside an item (chunked prefill of the item: its steps end there) holds
+        that item's rows so far in stage 0 only, when the plan :attr:`defers` it: the stages >= 1
+        get the item when it completes (its kept rows then, ranked over the whole item). So stage 0
+        advances with every chunk, the later stages only at item ends."""
         return self.compact_lens(prefix_len)[stage]
 
     def compact_lens(self, prefix_len: int) -> tuple[int, ...]:
@@ -121,7 +137,10 @@ class RequestPlan:
         if prefix_len >= last:
             return tuple([prefix_len - d for d in dropped])
         i = int(np.searchsorted(self.ends, prefix_len, side="right"))
-        return tuple((prefix_len - self._cum_dropped[:, i]).tolist())
+        cum = self._cum_dropped[:, i]
+        if self.defers and self.starts[i] < prefix_len:  # inside item i: stages >= 1 stop at its start
+            return (prefix_len, *(int(self.starts[i]) - cum[1:]).tolist())
+        return tuple((prefix_len - cum).tolist())
 
     @cached_property
     def summary(self) -> PlanSummary:
@@ -142,6 +161,9 @@ class RequestPlan:
     def compact_len_many(self, stage: int, prefix_lens: np.ndarray) -> np.ndarray:
         """Vectorised :meth:`compact_len`."""
         prefix_lens = np.asarray(prefix_lens, dtype=np.int64)
+        if stage > 0 and self.defers and self.num_items:  # a prefix inside an item stops at its start
+            i = np.minimum(np.searchsorted(self.ends, prefix_lens, side="right"), self.num_items - 1)
+            prefix_lens = np.minimum(prefix_lens, np.where(self.ends[i] > prefix_lens, self.starts[i], prefix_lens))
         return prefix_lens - self.dropped_before_many(stage, prefix_lens)
 
     # ---- prefix caching of compacted KV (kv_mode: per_stage) ------------------------------------

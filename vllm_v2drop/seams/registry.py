@@ -184,7 +184,14 @@ class V2DropConfigHook:
         scheduler_config = vllm_config.scheduler_config
         # vLLM's hook for a scheduler subclass: whole vision items per step, the V2Drop KV-cache coordinator
         scheduler_config.scheduler_cls = SCHEDULER_CLS
-        if not scheduler_config.disable_chunked_mm_input:
+        if schedule.chunked_items and schedule.layers:
+            refuse = _chunked_items_problems(vllm_config, schedule)
+            if refuse:
+                raise V2DropStartupError("V2Drop chunked_items cannot run with: " + "; ".join(refuse)
+                                         + ". Turn chunked_items off (every vision item then fits one step).")
+            logger.info("V2Drop chunked_items: a vision item may be split across prefill steps; its rows wait "
+                        "at layer %d until the item completes", schedule.layers[0])
+        elif not scheduler_config.disable_chunked_mm_input:
             scheduler_config.disable_chunked_mm_input = True
             forced.append("multimodal items never split across prefill chunks (disable_chunked_mm_input)")
         if schedule.kv_mode == "per_stage" and schedule.layers:
@@ -194,6 +201,22 @@ class V2DropConfigHook:
         logger.info("%s", schedule.description)
         if forced:
             logger.info("V2Drop forces: %s", "; ".join(forced))
+
+
+def _chunked_items_problems(vllm_config, schedule) -> list[str]:
+    """What ``chunked_items`` does not support yet, each with the reason."""
+    problems = []
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        problems.append("pipeline parallelism (the held rows would have to live on the rank of the first "
+                        "drop layer and travel with the rows of the step that completes the item)")
+    if vllm_config.scheduler_config.disable_chunked_mm_input:
+        problems.append("disable_chunked_mm_input (it keeps items whole, which chunked_items is for)")
+    vision = getattr(vllm_config.model_config.hf_config, "vision_config", None)
+    levels = len(getattr(vision, "deepstack_visual_indexes", None) or ())  # Qwen3-VL: added after layers 0 .. levels-1
+    if levels > schedule.layers[0]:
+        problems.append(f"a first drop layer ({schedule.layers[0]}) before the last of Qwen3-VL's {levels} DeepStack "
+                        "levels (the held rows would miss the visual features added after it)")
+    return problems
 
 
 def _defeats_stage_metadata(vllm_config) -> list[str]:

@@ -33,6 +33,11 @@ _BY = "seams.runner."
 SEAM = Seam("model runner", "worker: each stage's attention metadata and slot mapping, read off vLLM's V1 runner", (
     Touch("vllm.v1.worker.gpu_model_runner:GPUModelRunner._model_forward", "(self)", NAMES, _BY + "install"),
     Touch("vllm.v1.worker.gpu_model_runner:GPUModelRunner.get_model", "(self)", CALLS, _BY + "install"),
+    # wrapped: frees the stash of finished, aborted and preempted requests (chunked_items)
+    Touch("vllm.v1.worker.gpu_model_runner:GPUModelRunner._update_states", "(self, scheduler_output)", NAMES,
+          _BY + "install"),
+    Touch("vllm.v1.core.sched.output:SchedulerOutput", "(*, finished_req_ids, preempted_req_ids)", NAMES,
+          _BY + "install"),
     # wrapped; is_profile given by name by profile_run, as vLLM 0.32 does
     Touch("vllm.v1.worker.gpu_model_runner:GPUModelRunner._dummy_run", "(self, num_tokens, *, is_profile)",
           NAMES, _BY + "install"),
@@ -89,6 +94,7 @@ def install() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     patch(GPUModelRunner, "_model_forward", _staged_forward)
+    patch(GPUModelRunner, "_update_states", _stash_freed)
     patch(GPUModelRunner, "_dummy_run", _profiled_dummy_run)
 
 
@@ -139,6 +145,17 @@ def _staged_forward(original):
     return _model_forward
 
 
+def _stash_freed(update_states):
+    def _update_states(self, scheduler_output):
+        runtime = getattr(getattr(self, "model", None), "v2drop_runtime", None)
+        if runtime is not None and runtime.stash.held:
+            runtime.stash.forget(scheduler_output.finished_req_ids)
+            runtime.stash.forget(scheduler_output.preempted_req_ids or ())
+        return update_states(self, scheduler_output)
+
+    return _update_states
+
+
 def _profiled_dummy_run(dummy_run):
     def _dummy_run(self, num_tokens, *args, **kwargs):
         """vLLM's memory-profiling run (``is_profile``) also goes through the drop loop at its size,
@@ -159,7 +176,8 @@ def _step_staging(runner, runtime: V2DropRuntime) -> StepStaging:
     step it can be given (:mod:`vllm_v2drop.seams.staging`)."""
     staging = runner.__dict__.get("_v2drop_staging")
     if staging is None:
-        size = worst_case_bytes(runner.max_num_tokens, runner.max_num_reqs, len(runtime.schedule.layers))
+        held = runner.max_model_len if runtime.schedule.chunked_items else 0  # rows of items split across steps
+        size = worst_case_bytes(runner.max_num_tokens, runner.max_num_reqs, len(runtime.schedule.layers), held)
         staging = runner._v2drop_staging = StepStaging(runner.device, size)
     return staging
 
@@ -373,7 +391,7 @@ def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> No
     batch = runner.input_batch
     is_prefilling = torch.from_numpy(batch.num_computed_tokens_cpu[:n] < batch.num_prompt_tokens[:n])
     padded_len = len(next(iter(slot_mapping.values()), ()))  # one length for every group (vLLM's _get_slot_mappings)
-    if step.has_candidates:  # the drop loop runs exactly the step's rows, without padding
+    if step.runs_drop_loop:  # the drop loop runs exactly the step's rows, without padding
         for name in runtime.stage_layer_names(0):
             if name in slot_mapping:
                 slot_mapping[name] = slot_mapping[name][: step.num_rows(0)]
@@ -416,7 +434,7 @@ def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> No
             kv_pos = staging.on_device(pos)
             max_query_len, max_seq_len = int(step.query_lens[stage].max()), int(step.seq_lens[stage].max())
         num_rows = int(kv_pos.shape[0])
-        length = num_rows if step.has_candidates else max(num_rows, padded_len)
+        length = num_rows if step.runs_drop_loop else max(num_rows, padded_len)
         current, first = {}, None
         for gid, group in groups:
             table = batch.block_table[gid]

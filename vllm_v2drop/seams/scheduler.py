@@ -1,6 +1,8 @@
 """The scheduler seam (engine core): whole vision items per step; each request's plan reaches the KV cache.
 
-A V2Drop engine never splits a vision item across steps.
+A V2Drop engine never splits a vision item across steps, unless ``chunked_items`` is on: then
+vLLM's chunked prefill splits items as for any model, and the worker holds an unfinished item's
+rows at the first drop layer (:mod:`vllm_v2drop.worker.stash`); this guard stands aside.
 
 V2Drop ranks an item's rows against each other at every stage, so all rows of an
 item must be computed in one step (:func:`vllm_v2drop.core.step_plan.plan_step` refuses a
@@ -92,8 +94,11 @@ class _V2DropScheduling:
         from vllm_v2drop.seams.kv_cache import building
 
         vllm_config = kwargs["vllm_config"] if "vllm_config" in kwargs else args[0]
-        with building(resolve_schedule(vllm_config)):  # its KV-cache manager gets the V2Drop coordinator
+        schedule = resolve_schedule(vllm_config)
+        with building(schedule):  # its KV-cache manager gets the V2Drop coordinator
             super().__init__(*args, **kwargs)
+        # chunked_items: steps may end inside an item (the worker holds its rows until it completes)
+        self._v2drop_whole_items = not (schedule.chunked_items and schedule.layers)
         # vLLM's module function, called inside ``schedule()`` (``NewRequestData.from_request``): no hook
         patch(output, "strip_covered_mm_data", _keep_mm_data)
 
@@ -101,6 +106,9 @@ class _V2DropScheduling:
                                      shift_computed_tokens=0):
         # called for every running multimodal request and step; a decode step pays one dict lookup
         # and one comparison
+        if not self._v2drop_whole_items:
+            return super()._try_schedule_encoder_inputs(request, num_computed_tokens, num_new_tokens,
+                                                        encoder_compute_budget, shift_computed_tokens)
         last_end = request.__dict__.get("_v2drop_last_end")  # a Python int once computed
         if last_end is None:
             ends = item_bounds(request)[1] if request.mm_features else ()

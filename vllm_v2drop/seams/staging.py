@@ -33,13 +33,15 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // _ALIGN) * _ALIGN
 
 
-def worst_case_bytes(max_tokens: int, max_reqs: int, num_stages: int) -> int:
+def worst_case_bytes(max_tokens: int, max_reqs: int, num_stages: int, held_rows: int = 0) -> int:
     """Bytes the largest step stages: per stage its sequence lengths and query offsets (int32) and
     compact KV positions (int64, at most every row); the rows' segments and token indices (int64),
-    and the segments' counts per stage (int64, at most one segment per row)."""
-    s, t, r = num_stages, max_tokens, max_reqs
-    metadata = (s + 1) * _aligned(4 * r) + s * (_aligned(4 * (r + 1)) + 8 * t)
-    drop = 2 * 8 * t + (s + 1) * 8 * t
+    and the segments' counts per stage (int64, at most one segment per row). ``held_rows``
+    (``chunked_items``): rows held at the first drop layer that may come back in one step, which
+    the later stages and the arrays placing them (int64) then also hold."""
+    s, t, r, h = num_stages, max_tokens, max_reqs, held_rows
+    metadata = (s + 1) * _aligned(4 * r) + s * (_aligned(4 * (r + 1)) + 8 * (t + h))
+    drop = 2 * 8 * t + (s + 1) * 8 * t + (4 * 8 * (t + h) if h else 0)
     return metadata + drop + _ALIGN * (4 * s + 8)
 
 

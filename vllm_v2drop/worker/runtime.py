@@ -37,6 +37,7 @@ from vllm_v2drop.core.scorers import stage_scores
 from vllm_v2drop.core.selection import kept_rows, segmented_topk_keep
 from vllm_v2drop.core.step_plan import StepPlan
 from vllm_v2drop.seams.staging import StepStaging, worst_case_bytes
+from vllm_v2drop.worker.stash import ChunkStep, Stash
 
 logger = logging.getLogger("vllm.v2drop")
 
@@ -57,6 +58,7 @@ class DropStep:
     kept_log: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     kept_layers: list[int] = field(default_factory=list)  # the stage layer of each kept_log entry
     rows_run: list[int] = field(default_factory=list)  # rows each stage this rank cut went on with
+    chunk: ChunkStep | None = None  # rows to and from the stash at the first drop layer (chunked items)
 
 
 class V2DropRuntime:
@@ -69,7 +71,8 @@ class V2DropRuntime:
         self.layer_names = list(layer_names)
         stages = stage_of_layer(schedule.layers, max(schedule.num_layers, first_layer + len(layer_names)))
         self.stage_of_layer = stages[first_layer : first_layer + len(layer_names)]
-        self.planner = BatchPlanner(len(schedule.layers), self._plan_of)
+        self.planner = BatchPlanner(len(schedule.layers), self._plan_of, chunked=schedule.chunked_items)
+        self.stash = Stash()  # rows of unfinished vision items (chunked_items)
         self._describe: Callable[[str], RequestView] | None = None
         self._pending_trace: dict[str, dict[int, dict]] = {}
         self._seen_by_trace: set[str] = set()
@@ -112,7 +115,7 @@ class V2DropRuntime:
         begun (:mod:`vllm_v2drop.seams.staging`); without one, through the runtime's own.
         """
         drop = None
-        if step is not None and step.has_candidates:
+        if step is not None and step.runs_drop_loop:
             if staging is None:
                 staging = self._staging.get(device)
                 if staging is None:
@@ -120,8 +123,15 @@ class V2DropRuntime:
                 staging.begin()
             counts_t = step.seg_counts.T  # [S+1, G]: one row per stage
             staged = [staging.put(step.segment), staging.put(step.token_index), staging.put(counts_t)]
+            chunk = None
+            if step.uses_stash:
+                chunk = self.stash.begin(step, batch.req_ids)
+                staged += [staging.put(step.stash_index), staging.put(step.merge),
+                           staging.put(step.merged_segment), staging.put(step.merged_token_index)]
             staging.flush()
-            segment, token_index, counts = (staging.on_device(x) for x in staged)
+            segment, token_index, counts, *chunked = (staging.on_device(x) for x in staged)
+            if chunk is not None:
+                chunk.stash_index, chunk.merge, chunk.segment, chunk.token_index = chunked
             drop = DropStep(
                 plan=step,
                 segment=segment,
@@ -129,6 +139,7 @@ class V2DropRuntime:
                 keep=[counts[s] for s in range(1, counts.shape[0])],
                 sizes=[counts[s - 1] for s in range(1, counts.shape[0])],
                 batch=batch,
+                chunk=chunk,
             )
         self._local.drop = drop
         try:
@@ -201,6 +212,12 @@ class V2DropRuntime:
         """
         sched = self.schedule
         stage_at = {layer: s + 1 for s, layer in enumerate(sched.layers)}
+        chunk = drop.chunk
+        if chunk is not None and (intermediate_tensors is not None or lm.end_layer < sched.num_layers
+                                  or any(layer >= sched.layers[0] for layer in (adds_after or {}))):
+            raise NotImplementedError(
+                "V2Drop chunked_items: an item split across steps runs on one pipeline rank, and without "
+                "per-row additions after its first drop layer (Qwen3-VL's DeepStack levels must lie before it)")
         if intermediate_tensors is None:
             hidden = inputs_embeds if inputs_embeds is not None else lm.embed_input_ids(input_ids)
             num_padded, num_rows = hidden.shape[0], drop.segment.shape[0]
@@ -222,6 +239,10 @@ class V2DropRuntime:
             nonlocal hidden, residual, rows, positions, segment, token_index
             x_cur = hidden + residual
             scores = stage_scores(sched.metric, x_cur, x_prev, seed=sched.seed, stage=s, token_index=token_index)
+            if s == 1 and chunk is not None:  # rows of unfinished items leave, stashed rows of completed ones come back
+                hidden, residual, positions, rows, scores = chunk.exchange(hidden, residual, positions, rows, scores,
+                                                                           num_padded)
+                segment, token_index = chunk.segment, chunk.token_index
             keep = segmented_topk_keep(scores, segment, drop.keep[s - 1], drop.sizes[s - 1])
             idx_kept = same_on_every_rank(kept_rows(keep, drop.plan.num_rows(s)))
             hidden, residual, rows = hidden[idx_kept], residual[idx_kept], rows[idx_kept]
@@ -236,6 +257,8 @@ class V2DropRuntime:
             s = stage_at.get(idx)
             if s is not None and idx != lm.start_layer:  # at start_layer: cut by the previous rank
                 cut(s)
+                if chunk is not None and not drop.plan.num_rows(s):  # every row went to the stash
+                    return hidden.new_zeros((num_padded, hidden.shape[-1]))
             if idx + 1 in stage_at:
                 # Never the layer's input itself: a layer given residual=None makes its input the
                 # residual, which vLLM's fused add + RMSNorm (its CUDA kernel) then updates in place.
@@ -249,8 +272,9 @@ class V2DropRuntime:
                 cut(stage_at[lm.end_layer])
             return self._to_next_rank(hidden, residual, rows, num_padded)
         hidden, _ = lm.norm(hidden, residual)
-        out = hidden.new_zeros((num_padded, hidden.shape[-1]))
-        return out.index_copy_(0, rows, hidden)
+        extra = chunk.num_rows_back if chunk is not None else 0  # stashed rows that came back: no output
+        out = hidden.new_zeros((num_padded + extra, hidden.shape[-1]))
+        return out.index_copy_(0, rows, hidden)[:num_padded]
 
     @staticmethod
     def _to_next_rank(hidden, residual, rows, num_padded: int):
