@@ -57,7 +57,16 @@ VIDEO_METADATA_ARCHS = ("qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe")
 # ------------------------------------------------------------------------------------------ hooks
 
 
+# The modules that run longest, first: with ``make test``'s xdist workers taking one module at a time,
+# the run then ends on short modules instead of one worker finishing a long one alone.
+LONG_MODULES = ("test_soak.py", "test_gpu_run.py", "test_parallel.py", "test_kv_memory.py", "test_engine.py",
+                "test_engine_new_archs.py", "test_engine_robustness.py", "test_chunked_items.py",
+                "test_benchmark.py", "test_probe.py", "test_request_serving.py", "test_load.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    first = {name: i for i, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda it: first.get(it.path.name, len(first)))  # stable: the rest keep their order
     gpu_items = [it for it in items if it.get_closest_marker("gpu")]
     if not gpu_items:
         return

@@ -32,11 +32,6 @@ def stash_state(worker) -> dict:
     return {"held": len(stash.held), "bytes": stash.nbytes, "peak": stash.peak, "dropped": stash.dropped}
 
 
-@pytest.fixture(scope="module")
-def model_dir(tiny_models):
-    return tiny_models[ARCH]
-
-
 @pytest.fixture(scope="module", params=["shared", "per_stage"])
 def chunked(model_dir, tmp_path_factory, request):
     trace = tmp_path_factory.mktemp("trace-chunked")

@@ -57,7 +57,7 @@ def requests(arch: str, model_dir) -> dict[str, dict]:
     }
     if arch in VIDEO_ARCHS + NEW_VIDEO_ARCHS:
         # 4 frames on Qwen2.5-VL: transformers 5.19 starts the text after a longer video at the
-        # wrong M-RoPE position (see test_foundation), so the reference could not match vLLM.
+        # wrong M-RoPE position (see stock_cases), so the reference could not match vLLM.
         frames = make_video(frames=4 if arch == "qwen2.5-vl" else 8, seed=4)
         reqs["video"] = mm_request(arch, model_dir, video=frames, text="What happens here?")
     return reqs

@@ -378,12 +378,12 @@ def test_identity_per_stage_gives_stock_tokens(stock, identity, model_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", [IDENTITY, {"metric": "none"}], ids=["ratios-1.0", "metric-none"])
-def test_identity_shared_gives_stock_tokens(stock, model_dir, config):
-    """A shared-mode engine whose schedule drops nothing (every ratio 1.0, or metric ``none``: no
-    schedule at all) gives stock vLLM's tokens."""
+def test_metric_none_gives_stock_tokens(stock, model_dir):
+    """An engine with metric ``none`` (no schedule at all: the V2Drop model classes with nothing to
+    drop) gives stock vLLM's tokens. (Every ratio 1.0: ``identity`` above, and per request on every
+    architecture in ``test_engine.py``.)"""
     with llm_engine(model_dir, kv_cache_memory_bytes=STOCK_POOL_BLOCKS * DEPTH * _page_bytes(model_dir),
-                    **ENGINE_A, **_v2drop(config, "shared")) as llm:
+                    **ENGINE_A, **_v2drop({"metric": "none"}, "shared")) as llm:
         mixed = [list(o.outputs[0].token_ids) for o in llm.generate(_mixed_requests(model_dir), greedy(16))]
     assert mixed == stock["mixed"]
 

@@ -3,7 +3,7 @@
 A bounded run of ``benchmarks/soak.py`` per (architecture, KV mode) against ``vllm serve
 --model-impl v2drop``: greedy images of several sizes, multi-turn chats that re-send their image,
 text, 4- and 8-frame videos, streaming, logprobs, prompt logprobs, stop strings, ``n=2``, bursts of
-``n=4`` requests with two large images, client aborts, malformed requests. ``shared``: 150 requests,
+``n=4`` requests with two large images, client aborts, malformed requests. ``shared``: 100 requests,
 24 at a time, a 36-block pool. ``per_stage``: 200 requests, 32 at a time, 32-token blocks and a
 2,304-token pool, so that prefix caching Level 2 reuses pruned KV while blocks are evicted and
 requests preempted, under the KV audit, with the quality probe at rate 1.0. Each run checks: the server is alive, no 5xx, every
@@ -30,7 +30,7 @@ import soak
 pytestmark = [pytest.mark.slow, pytest.mark.soak]
 openai = pytest.importorskip("openai")
 
-NUM_REQUESTS = 150
+NUM_REQUESTS = 100
 CONCURRENCY = 24
 
 

@@ -151,7 +151,10 @@ def test_vllm_serve_v2drop_on_another_vllm_exits_with_the_message(tiny_models, t
 
 @pytest.mark.slow
 def test_stock_vllm_serve_on_another_vllm_still_serves(tiny_models, tmp_path):
+    """Stock ``vllm serve`` (no V2Drop asked for) answers an image chat over HTTP, though the plugin
+    is installed on a vLLM it does not support."""
     openai = pytest.importorskip("openai")
+    from vllm_v2drop.dev.demo import image_data_url
     from vllm_v2drop.dev.server import serve
 
     model = str(tiny_models["llava-onevision"])
@@ -159,10 +162,13 @@ def test_stock_vllm_serve_on_another_vllm_still_serves(tiny_models, tmp_path):
     env = {**fake_env(tmp_path, OTHER), "VLLM_CPU_KVCACHE_SPACE": None}
     with serve(model, SERVE_ARGS, env=env, log_path=log) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0, timeout=120)
-        resp = client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "Tell me about the sky."}],
-            max_tokens=4, temperature=0.0, extra_body={"ignore_eos": True})
-        assert resp.usage.completion_tokens == 4
+        messages = [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": image_data_url((112, 112))}},
+            {"type": "text", "text": "Describe this."}]}]
+        resp = client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0.0,
+                                              extra_body={"ignore_eos": True})
+        assert resp.usage.completion_tokens == 4 and resp.choices[0].message.content
+        assert resp.usage.prompt_tokens > 336  # the image's 336 vision rows are in the prompt
         text = log.read_text(errors="replace")  # while it serves: its shutdown may log the engine's stop
     assert f"supports vLLM {SUPPORTED_VLLM[0]}, not the installed {OTHER}" in text
     assert "V2Drop:" not in text and "Traceback" not in text
