@@ -76,7 +76,7 @@ def run_mode(mode: str, args, model_dir: Path, request: dict, v2cfg: dict) -> di
     from vllm_v2drop.config import V2DropConfig
     from vllm_v2drop.core.architectures import base_architecture
     from vllm_v2drop.dev.kv_probe import kv_groups
-    from vllm_v2drop.core.requests import plan_for, request_view
+    from vllm_v2drop.requests import plan_for, request_view
 
     kv_mode = MODES[mode]
     extra = {} if kv_mode is None else {

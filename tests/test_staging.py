@@ -1,6 +1,7 @@
 """The staging buffer that carries each step's V2Drop arrays to the device (runner/staging.py).
 
-Runs on CPU: the device twin is then a second CPU buffer, so every copy is checked byte for byte.
+Runs on CPU: the tests ask for a device twin that is a second CPU buffer (``copy_to_device``), so
+every copy is checked byte for byte; an engine on the CPU backend uses the host buffer as its twin.
 The pinned-memory test needs CUDA and is skipped without it (reported by pytest's summary).
 """
 
@@ -22,7 +23,7 @@ def _step(staging: StepStaging, arrays):
 
 def test_values_shapes_dtypes_across_steps_of_different_sizes():
     rng = np.random.default_rng(0)
-    staging = StepStaging("cpu", capacity=16384, pin_memory=False)
+    staging = StepStaging("cpu", capacity=16384, pin_memory=False, copy_to_device=True)
     host_buf, dev_buf = staging.buffer.cpu, staging.buffer.gpu
     for step, n in enumerate([5, 300, 1, 0, 77, 300, 2]):
         arrays = [
@@ -43,7 +44,7 @@ def test_values_shapes_dtypes_across_steps_of_different_sizes():
 
 
 def test_arrays_are_aligned_and_do_not_overlap():
-    staging = StepStaging("cpu", capacity=256, pin_memory=False)
+    staging = StepStaging("cpu", capacity=256, pin_memory=False, copy_to_device=True)
     staging.begin()
     a = staging.put(np.arange(3), torch.int32)  # 12 bytes, padded to 16
     b = staging.put(np.arange(5), torch.int64)
@@ -54,7 +55,7 @@ def test_arrays_are_aligned_and_do_not_overlap():
 
 
 def test_growth_keeps_what_was_put_and_flushed_before_it():
-    staging = StepStaging("cpu", capacity=64, pin_memory=False)
+    staging = StepStaging("cpu", capacity=64, pin_memory=False, copy_to_device=True)
     staging.begin()
     first = staging.put(np.arange(4))  # 32 bytes
     staging.flush()
@@ -72,7 +73,7 @@ def test_growth_keeps_what_was_put_and_flushed_before_it():
 
 
 def test_read_before_flush_is_an_error():
-    staging = StepStaging("cpu", capacity=64, pin_memory=False)
+    staging = StepStaging("cpu", capacity=64, pin_memory=False, copy_to_device=True)
     staging.begin()
     s = staging.put(np.arange(2))
     with pytest.raises(RuntimeError, match="before it was flushed"):
@@ -80,7 +81,7 @@ def test_read_before_flush_is_an_error():
 
 
 def test_two_flushes_in_a_step_copy_each_part_once():
-    staging = StepStaging("cpu", capacity=1024, pin_memory=False)
+    staging = StepStaging("cpu", capacity=1024, pin_memory=False, copy_to_device=True)
     staging.begin()
     a = staging.put(np.arange(4))
     staging.flush()
@@ -96,7 +97,7 @@ def test_worst_case_covers_the_largest_step():
     """A step at the engine's limits (every row a candidate of its own item, every stage
     compacting) fits the buffer sized by worst_case_bytes: no growth."""
     tokens, reqs, stages = 512, 7, 3
-    staging = StepStaging("cpu", worst_case_bytes(tokens, reqs, stages), pin_memory=False)
+    staging = StepStaging("cpu", worst_case_bytes(tokens, reqs, stages), pin_memory=False, copy_to_device=True)
     staging.begin()
     for _ in range(stages + 1):
         staging.put(np.zeros(reqs), torch.int32)
@@ -117,3 +118,13 @@ def test_sources_are_pinned_on_cuda():
         devs, hosts = _step(staging, [(np.arange(n), torch.int64), (np.arange(3), torch.int32)])
         assert all(h.is_pinned() for h in hosts) and staging.buffer.cpu.is_pinned()
         assert devs[0].is_cuda and devs[0].cpu().tolist() == list(range(n))
+
+
+def test_on_the_cpu_backend_the_device_twin_is_the_host_buffer():
+    """As vLLM's CPU runner does with its own buffers: no second buffer, a flush copies nothing."""
+    staging = StepStaging("cpu", capacity=64, pin_memory=False)
+    assert staging.buffer.gpu is staging.buffer.cpu
+    (dev,), (host,) = _step(staging, [(np.arange(5), torch.int64)])
+    assert dev.data_ptr() == host.data_ptr() and dev.tolist() == [0, 1, 2, 3, 4]
+    staging.put(np.arange(300), torch.int32)  # grows; the new pair is aliased too
+    assert staging.growths == 1 and staging.buffer.gpu is staging.buffer.cpu

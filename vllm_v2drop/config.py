@@ -24,13 +24,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from vllm_v2drop.core.architectures import base_architecture
 from vllm_v2drop.core.counts import average_retention, solve_keep_ratios
 from vllm_v2drop.core.request_plan import RequestPlan, plan_request
 from vllm_v2drop.core.scorers import SCORERS
 from vllm_v2drop.errors import V2DropStartupError
 from vllm_v2drop.presets import PRESETS, default_preset_for, scale_layers
 
-__all__ = ["QualityProbeConfig", "ResolvedSchedule", "V2DropConfig", "V2DropConfigError"]
+__all__ = ["QualityProbeConfig", "ResolvedSchedule", "V2DropConfig", "V2DropConfigError", "resolve_schedule"]
 
 Modality = Literal["image", "video"]
 
@@ -417,3 +418,15 @@ class ResolvedSchedule:
         ``keep_ratios``, one per layer of this schedule) and ``min_keep``."""
         ratios = self.keep_ratios if keep_ratios is None else keep_ratios
         return plan_request(items, num_prompt_tokens, ratios, self.min_keep, prune=prune)
+
+
+def resolve_schedule(vllm_config) -> ResolvedSchedule:
+    """The V2Drop schedule for this engine, from ``--additional-config`` and the model's depth.
+
+    Each process resolves it once, where its seam first meets the engine's config (the config hook,
+    the scheduler, the model, the frontend), and hands it down; nothing below resolves it again.
+    """
+    config = V2DropConfig.from_additional_config(vllm_config.additional_config)
+    model_config = vllm_config.model_config
+    num_layers = model_config.hf_text_config.num_hidden_layers
+    return config.resolve(num_layers, base_architecture(model_config.architecture))

@@ -1,13 +1,13 @@
 """Each request's plan on the engine-core side, for the KV cache (``kv_mode: per_stage``, prefix caching).
 
 Built from the scheduler's ``Request`` with the code the worker and the frontend use
-(:func:`vllm_v2drop.core.requests.plan_for`), so KV blocks allocated per stage match the rows the
+(:func:`vllm_v2drop.requests.plan_for`), so KV blocks allocated per stage match the rows the
 worker writes. The KV-cache seam (:mod:`vllm_v2drop.seams.kv_cache`) asks it for counts and keys.
 """
 
 from __future__ import annotations
 
-from vllm_v2drop.core.requests import plan_for, request_view
+from vllm_v2drop.requests import plan_for, request_view
 
 __all__ = ["KeyedRequest", "StagePlans"]
 

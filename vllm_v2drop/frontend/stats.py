@@ -18,7 +18,7 @@ core only sends back fixed, typed per-step stats (``SchedulerStats``, a msgspec-
 dataclass with no field for a plugin's numbers). But everything V2Drop's counts depend on
 is already in the frontend: each ``EngineCoreRequest`` carries the prompt length, the
 multimodal placeholders (``mm_features``) and the sampling params, the exact inputs from
-which the worker and the scheduler build a request's plan (:func:`vllm_v2drop.core.requests.plan_for`,
+which the worker and the scheduler build a request's plan (:func:`vllm_v2drop.requests.plan_for`,
 the single place a request becomes a plan). So the frontend builds the same plan when
 ``OutputProcessor.add_request`` registers a request, and adds it to the counters when the
 engine core returns the request's first token (its prefill, hence every drop, is done).
@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from vllm_v2drop.core.requests import plan_for, request_override, request_view
+from vllm_v2drop.requests import plan_for, request_override, request_view
 from vllm_v2drop.core.kv_layout import group_layout, stage_layer_counts
 from vllm_v2drop.overrides import probe_choice
 

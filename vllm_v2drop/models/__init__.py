@@ -28,7 +28,7 @@ from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
 from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration
 from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
 
-from vllm_v2drop.core.schedule import resolve_schedule
+from vllm_v2drop.config import resolve_schedule
 from vllm_v2drop.seams import runner
 from vllm_v2drop.seams._patch import patch
 from vllm_v2drop.worker.runtime import ROWS_KEY, V2DropRuntime

@@ -14,7 +14,7 @@ import logging
 
 from vllm_v2drop.config import V2DropConfig
 from vllm_v2drop.core.architectures import is_v2drop_model
-from vllm_v2drop.core.schedule import resolve_schedule
+from vllm_v2drop.config import resolve_schedule
 from vllm_v2drop.frontend.stats import FrontendStats
 from vllm_v2drop.overrides import validate
 from vllm_v2drop.seams._check import CALLS, NAMES, Seam, Touch

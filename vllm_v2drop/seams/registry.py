@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from vllm_v2drop.core.architectures import ARCHITECTURES, MODEL_IMPL, V2DROP_ARCHITECTURES
-from vllm_v2drop.core.schedule import resolve_schedule
+from vllm_v2drop.config import resolve_schedule
 from vllm_v2drop.engine.per_stage import check_per_stage_supported, describe_layout
 from vllm_v2drop.errors import V2DropStartupError
 from vllm_v2drop.seams._check import CALLS, EXACT, NAMES, Seam, Touch

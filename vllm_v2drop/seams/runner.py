@@ -17,7 +17,7 @@ import functools
 import numpy as np
 import torch
 
-from vllm_v2drop.core.requests import BatchView, request_view
+from vllm_v2drop.requests import BatchView, request_view
 from vllm_v2drop.core.step_plan import StepPlan
 from vllm_v2drop.seams._check import CALLS, EXACT, NAMES, Seam, Touch
 from vllm_v2drop.seams._patch import patch
@@ -399,9 +399,11 @@ def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> No
     decode = step.decode
     # first every stage's host arrays into the step's staging buffer, then one copy to the device
     staged: dict[int, tuple] = {}
+    host = runner.device.type == "cpu"  # the plan's own arrays serve as the device's in a decode step
     if decode:  # one row per request in every stage, at seq_len - 1 (the plan's kv_starts)
         qsl_cpu, qsl_dev = runner.query_start_loc.cpu[: n + 1], runner.query_start_loc.gpu[: n + 1]
-        seq_all = staging.put(step.seq_lens, torch.int32)  # [S+1, n], one array for every stage
+        if not host:
+            seq_all = staging.put(step.seq_lens, torch.int32)  # [S+1, n], one array for every stage
     else:
         for stage in range(1, step.num_stages + 1):
             staged[stage] = staged[stage - 1] if stage > 1 and step.same_view_as_before(stage) else (
@@ -409,7 +411,7 @@ def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> No
                 staging.put(step.query_start_loc(stage), torch.int32),
                 staging.put(step.kv_positions(stage), torch.int64))
     staging.flush()
-    if decode:
+    if decode and not host:
         seq_all_cpu, seq_all_dev = staging.on_host(seq_all), staging.on_device(seq_all)
     previous: dict[int, tuple] = {}
     for stage in range(1, step.num_stages + 1):
@@ -421,11 +423,14 @@ def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> No
                     metadata[name], slot_mapping[name] = built, slots_t
             continue
         if decode:
-            # each stage its own device array: rows of one [S+1, n] tensor given to vLLM 0.32's CPU
+            # each stage its own array: rows of one [S+1, n] tensor given to vLLM 0.32's CPU
             # attention as seq_lens gave wrong tokens (test_batch_equals_alone)
-            seq_cpu = seq_all_cpu[stage]
-            seq_dev = seq_all_dev[stage].clone()
-            kv_pos = seq_dev.to(torch.int64) - 1
+            if host:
+                seq_cpu = seq_dev = torch.from_numpy(step.seq_lens[stage].astype(np.int32))
+                kv_pos = torch.from_numpy(step.kv_starts[stage])
+            else:
+                seq_cpu, seq_dev = seq_all_cpu[stage], seq_all_dev[stage].clone()
+                kv_pos = seq_dev.to(torch.int64) - 1
             max_query_len, max_seq_len = 1, int(step.seq_lens[stage].max())
         else:
             seq, qsl, pos = staged[stage]

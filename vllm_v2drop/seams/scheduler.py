@@ -39,7 +39,7 @@ from __future__ import annotations
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from vllm_v2drop.core.schedule import resolve_schedule
+from vllm_v2drop.config import resolve_schedule
 from vllm_v2drop.engine.items import item_bounds
 from vllm_v2drop.engine.plans import StagePlans
 from vllm_v2drop.core.step_plan import whole_item_limit

@@ -10,6 +10,9 @@ used bytes to the buffer's device twin with one ``non_blocking`` copy per flush.
 rewrites the host buffer only after an event says the last copy has left it: with async
 scheduling the host prepares step N+1 while step N's copy may still be queued.
 
+Where the device is the host (vLLM's CPU backend), the device twin is the host buffer itself, as
+vLLM's CPU model runner does with its own ``CpuGpuBuffer`` pairs, and a flush copies nothing.
+
 The buffer is sized once for the worst step the engine can schedule
 (:func:`worst_case_bytes`); a larger step (never planned by vLLM's limits) grows it, logged once.
 """
@@ -77,7 +80,8 @@ class StepStaging:
     :meth:`on_host` its host tensor right away.
     """
 
-    def __init__(self, device: torch.device | str, capacity: int, pin_memory: bool | None = None) -> None:
+    def __init__(self, device: torch.device | str, capacity: int, pin_memory: bool | None = None,
+                 copy_to_device: bool | None = None) -> None:
         try:
             from vllm.utils.platform_utils import is_pin_memory_available
             from vllm.v1.utils import CpuGpuBuffer
@@ -86,14 +90,21 @@ class StepStaging:
 
         self.device = torch.device(device)
         self.pin_memory = is_pin_memory_available() if pin_memory is None else pin_memory
-        self._new_buffer = lambda size: CpuGpuBuffer(size, dtype=torch.uint8, device=self.device,
-                                                       pin_memory=self.pin_memory)
+        # the device twin is the host buffer itself (default where the device is the host)
+        self._aliased = self.device.type == "cpu" if copy_to_device is None else not copy_to_device
+        self._new_buffer = lambda size: self._twinned(CpuGpuBuffer(size, dtype=torch.uint8, device=self.device,
+                                                                     pin_memory=self.pin_memory))
         self.buffer = self._new_buffer(_aligned(max(capacity, _ALIGN)))
         # the host waits on it before rewriting the buffer; none where the device is the host
         self._copied = None if self.device.type == "cpu" else torch.Event(self.device, blocking=True)
         self.used = 0  # bytes put in this step
         self.flushed = 0  # of them, bytes copied to the device
         self.growths = 0
+
+    def _twinned(self, buffer):
+        if self._aliased:
+            buffer.gpu = buffer.cpu
+        return buffer
 
     @property
     def capacity(self) -> int:
@@ -108,7 +119,7 @@ class StepStaging:
     def put(self, array, dtype: torch.dtype = torch.int64) -> Staged:
         """Write ``array`` (any shape, cast to ``dtype``: int32 or int64) into the host buffer."""
         a = np.asarray(array)
-        nbytes = a.size * torch.empty((), dtype=dtype).element_size()
+        nbytes = a.size * dtype.itemsize
         staged = Staged(self.used, nbytes, tuple(a.shape), dtype)
         end = self.used + _aligned(nbytes)
         if end > self.capacity:
@@ -123,7 +134,8 @@ class StepStaging:
         if self.used == self.flushed:
             return
         lo, hi = self.flushed, self.used
-        self.buffer.gpu[lo:hi].copy_(self.buffer.cpu[lo:hi], non_blocking=True)
+        if not self._aliased:
+            self.buffer.gpu[lo:hi].copy_(self.buffer.cpu[lo:hi], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
         self.flushed = hi

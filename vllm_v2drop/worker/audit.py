@@ -116,7 +116,7 @@ class BlockAudit:
     # ---- the step ----------------------------------------------------------------------------------
     def after_step(self, runner, schedule, batch) -> None:
         """Record the blocks this step filled, then check the reuses of requests that started."""
-        from vllm_v2drop.core.requests import plan_for
+        from vllm_v2drop.requests import plan_for
 
         n = len(batch.req_ids)
         computed = np.array(batch.num_computed[:n], dtype=np.int64)

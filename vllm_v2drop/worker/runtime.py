@@ -21,7 +21,7 @@ import torch
 
 from vllm_v2drop.config import ResolvedSchedule
 from vllm_v2drop.seams.parallel import intermediate_tensors, logs_requests, same_on_every_rank  # noqa: F401
-from vllm_v2drop.core.requests import (  # noqa: F401  (the worker's names for them)
+from vllm_v2drop.requests import (  # noqa: F401  (the worker's names for them)
     BatchView,
     RequestView,
     VisionItem,
