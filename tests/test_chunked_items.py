@@ -136,11 +136,12 @@ def test_abort_inside_an_item_frees_its_rows(model_dir, chunked):
 
 
 # Every other architecture: one engine each (its kv mode alternating, so that each mode runs on both
-# position kinds, M-RoPE and 1-D), whose budget splits every item of its requests across steps.
-# Qwen3-VL drops first at layer 3, after its DeepStack layers 0-2 (earlier is refused:
-# tests/test_integration.py); the others run their default schedule at the tiny depth.
+# position kinds, M-RoPE and 1-D; V2DROP_CHUNKED_ALL=1 runs both modes on each), whose budget splits
+# every item of its requests across steps. Qwen3-VL drops first at layer 3, after its DeepStack
+# layers 0-2 (earlier is refused: tests/test_integration.py); the others run their default schedule
+# at the tiny depth.
 AFTER_DEEPSTACK = {"layers": [3, 5, 6], "keep_ratios": [0.5, 0.5, 0.25]}
-ARCH_CASES = {  # arch: (kv_mode, schedule, rows per step)
+ARCH_CASES = {  # arch: (kv_mode in the suite, schedule, rows per step)
     "qwen2.5-vl": ("shared", {}, 10),
     "qwen3-vl": ("per_stage", AFTER_DEEPSTACK, 10),  # its video's item spans timestamp text rows
     "qwen3-vl-moe": ("shared", AFTER_DEEPSTACK, 10),
@@ -148,13 +149,16 @@ ARCH_CASES = {  # arch: (kv_mode, schedule, rows per step)
     "llava-next": ("per_stage", {}, 24),
     "llava": ("shared", {}, 24),
 }
+KV_MODES = ("shared", "per_stage")
+ARCH_PARAMS = [(arch, kv) for arch, (mode, _, _) in ARCH_CASES.items() for kv in KV_MODES
+               if kv == mode or os.environ.get("V2DROP_CHUNKED_ALL")]
 
 
-@pytest.fixture(scope="module", params=list(ARCH_CASES))
+@pytest.fixture(scope="module", params=ARCH_PARAMS, ids="-".join)
 def arch_engine(request, tiny_models, tmp_path_factory):
-    arch = request.param
-    kv_mode, schedule, budget = ARCH_CASES[arch]
-    trace = tmp_path_factory.mktemp(f"trace-chunked-{arch}")
+    arch, kv_mode = request.param
+    _, schedule, budget = ARCH_CASES[arch]
+    trace = tmp_path_factory.mktemp(f"trace-chunked-{arch}-{kv_mode}")
     config = {**schedule, "trace": str(trace), "chunked_items": True, "kv_mode": kv_mode}
     with llm_engine(tiny_models[arch], model_impl="v2drop", additional_config={"v2drop": config},
                     max_num_batched_tokens=budget, max_num_seqs=8) as llm:
@@ -178,7 +182,7 @@ def test_every_architecture_splits_items_exactly(arch_engine, tiny_models):
                             use_tqdm=False)
     trace = read_trace(trace_dir)
     for how, outs in (("alone", alone), ("together", together)):
-        for (name, req), out in zip(reqs.items(), outs):
+        for name, out in zip(reqs, outs):
             ref, rec = refs[name], trace_for(trace, out.request_id)
             assert list(out.prompt_token_ids) == ref.prompt_token_ids, (how, name)
             assert [(it["first"], it["rows"]) for it in rec["items"]] == ref.items, (how, name)
