@@ -1,10 +1,15 @@
 """Chunked items in the real engine: vision items longer than ``--max-num-batched-tokens``.
 
-One V2Drop engine per kv_mode with ``chunked_items`` and a step budget far smaller than its video and
-images, so chunked prefill splits every item across steps (and often mid-row of a frame). Its
-greedy tokens and the rows each stage kept equal the plain-transformers reference of the spec,
-the oracle an engine whose budget holds every item whole is checked against
-(``test_engine.test_fidelity_with_reference``): alone and in a mixed batch.
+Qwen2-VL: one V2Drop engine per kv_mode with ``chunked_items`` and a step budget far smaller than
+its video and images, so chunked prefill splits every item across steps (and often mid-row of a
+frame). Its greedy tokens and the rows each stage kept equal the plain-transformers reference of
+the spec, the oracle an engine whose budget holds every item whole is checked against
+(``test_engine.test_fidelity_with_reference``): alone, in a mixed batch, after a preemption; an
+abort inside an item frees its held rows.
+
+Every other architecture (Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, LLaVA-OneVision, LLaVA-NeXT,
+LLaVA-1.5): one engine each, in one kv mode (alternating, so that both modes run on M-RoPE and on
+1-D positions), the same check on its image, two-images and video requests, alone and together.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import os
 
 import pytest
 from conftest import greedy, llm_engine, make_image, make_video, mm_request
-from test_engine import generate_each, read_trace, ref_request, ref_schedule, trace_for
+from test_engine import generate_each, read_trace, ref_request, ref_schedule, requests, trace_for
 
 from vllm_v2drop.dev.reference import V2DropReference
 
@@ -130,24 +135,58 @@ def test_abort_inside_an_item_frees_its_rows(model_dir, chunked):
     assert state["held"] == 0 and state["bytes"] == 0 and state["dropped"] == dropped + 1
 
 
-def test_llava_onevision_split_items_equal_the_reference(tiny_models, tmp_path):
-    """LLaVA-OneVision (1-D positions; a video of hundreds of rows) with a 32-row budget, beside a
-    text-only request: kept rows and tokens are the spec's."""
-    arch, model_dir = "llava-onevision", tiny_models["llava-onevision"]
-    config = {"trace": str(tmp_path), "chunked_items": True}
-    reqs = {
-        "video": mm_request(arch, model_dir, video=make_video(seed=4), text="What happens here?"),
-    }
-    with llm_engine(model_dir, model_impl="v2drop", additional_config={"v2drop": config},
-                    max_num_batched_tokens=32, max_num_seqs=4) as llm:
-        outs = llm.generate([*reqs.values(), mm_request(arch, model_dir, text="Only text.")], greedy(12),
-                            use_tqdm=False)
-    trace = read_trace(tmp_path)
+# Every other architecture: one engine each (its kv mode alternating, so that each mode runs on both
+# position kinds, M-RoPE and 1-D; V2DROP_CHUNKED_ALL=1 runs both modes on each), whose budget splits
+# every item of its requests across steps. Qwen3-VL drops first at layer 3, after its DeepStack
+# layers 0-2 (earlier is refused: tests/test_integration.py); the others run their default schedule
+# at the tiny depth.
+AFTER_DEEPSTACK = {"layers": [3, 5, 6], "keep_ratios": [0.5, 0.5, 0.25]}
+ARCH_CASES = {  # arch: (kv_mode in the suite, schedule, rows per step)
+    "qwen2.5-vl": ("shared", {}, 10),
+    "qwen3-vl": ("per_stage", AFTER_DEEPSTACK, 10),  # its video's item spans timestamp text rows
+    "qwen3-vl-moe": ("shared", AFTER_DEEPSTACK, 10),
+    "llava-onevision": ("per_stage", {}, 24),
+    "llava-next": ("per_stage", {}, 24),
+    "llava": ("shared", {}, 24),
+}
+KV_MODES = ("shared", "per_stage")
+ARCH_PARAMS = [(arch, kv) for arch, (mode, _, _) in ARCH_CASES.items() for kv in KV_MODES
+               if kv == mode or os.environ.get("V2DROP_CHUNKED_ALL")]
+
+
+@pytest.fixture(scope="module", params=ARCH_PARAMS, ids="-".join)
+def arch_engine(request, tiny_models, tmp_path_factory):
+    arch, kv_mode = request.param
+    _, schedule, budget = ARCH_CASES[arch]
+    trace = tmp_path_factory.mktemp(f"trace-chunked-{arch}-{kv_mode}")
+    config = {**schedule, "trace": str(trace), "chunked_items": True, "kv_mode": kv_mode}
+    with llm_engine(tiny_models[arch], model_impl="v2drop", additional_config={"v2drop": config},
+                    max_num_batched_tokens=budget, max_num_seqs=8) as llm:
+        yield arch, llm, trace, config, budget
+
+
+def test_every_architecture_splits_items_exactly(arch_engine, tiny_models):
+    """Each architecture's image, two-images and video requests (where it takes videos), every item
+    longer than a step: alone, then together beside a text-only request, their kept rows and
+    tokens are those of the reference, the oracle of an engine whose budget holds items whole."""
+    arch, llm, trace_dir, config, budget = arch_engine
+    model_dir = tiny_models[arch]
+    reqs = {k: v for k, v in requests(arch, model_dir).items() if k != "text"}
     reference = V2DropReference(model_dir)
-    for (name, req), out in zip(reqs.items(), outs):
-        ref = reference.generate([ref_request(req)], ref_schedule(arch, config), max_new_tokens=12)[0]
-        rec = trace_for(trace, out.request_id)
-        assert all(rows > 32 for _, rows in ref.items), name
-        assert [(it["first"], it["rows"]) for it in rec["items"]] == ref.items, name
-        assert [it["kept"] for it in rec["items"]] == ref.kept, name
-        assert list(out.outputs[0].token_ids) == ref.token_ids, name
+    schedule = ref_schedule(arch, config)
+    refs = {name: reference.generate([ref_request(req)], schedule, max_new_tokens=12)[0] for name, req in reqs.items()}
+    for name, ref in refs.items():
+        assert ref.items and all(rows > budget for _, rows in ref.items), f"{name}: an item fits one step"
+    alone = generate_each(llm, list(reqs.values()), 12)
+    together = llm.generate([*reqs.values(), mm_request(arch, model_dir, text="Only text.")], greedy(12),
+                            use_tqdm=False)
+    trace = read_trace(trace_dir)
+    for how, outs in (("alone", alone), ("together", together)):
+        for name, out in zip(reqs, outs):
+            ref, rec = refs[name], trace_for(trace, out.request_id)
+            assert list(out.prompt_token_ids) == ref.prompt_token_ids, (how, name)
+            assert [(it["first"], it["rows"]) for it in rec["items"]] == ref.items, (how, name)
+            assert [it["kept"] for it in rec["items"]] == ref.kept, (how, name)
+            assert list(out.outputs[0].token_ids) == ref.token_ids, (how, name)
+    (state,) = llm.collective_rpc(stash_state)
+    assert state["held"] == 0 and state["bytes"] == 0 and state["peak"] > 0

@@ -64,15 +64,25 @@ def test_chunked_items_lets_items_split(tiny_models):
     assert cfg.scheduler_config.max_num_batched_tokens == 16
 
 
-@pytest.mark.parametrize("arch, kw, refused", [
-    ("qwen2-vl", {"disable_chunked_mm_input": True}, "disable_chunked_mm_input"),
-    ("qwen3-vl", {"dtype": "float32"}, "DeepStack"),  # the tiny depth's default schedule drops at layer 1
-], ids=["disable-chunked-mm-input", "deepstack"])
-def test_chunked_items_refuses_what_it_cannot_do(tiny_models, arch, kw, refused):
-    msg = startup_error(tiny_models[arch], model_impl="v2drop", additional_config={"v2drop": {"chunked_items": True}},
-                        **kw)
+@pytest.mark.parametrize("arch, schedule, kw, refused", [
+    ("qwen2-vl", {}, {"disable_chunked_mm_input": True}, "disable_chunked_mm_input"),
+    ("qwen3-vl", {}, {"dtype": "float32"}, "DeepStack"),  # the tiny depth's default schedule drops at layer 1
+    # the tiny towers feed DeepStack levels after layers 0, 1, 2: a first drop at layer 2 is one too early
+    ("qwen3-vl", {"layers": [2, 5], "keep_ratios": [0.5, 0.5]}, {}, "DeepStack"),
+], ids=["disable-chunked-mm-input", "deepstack", "deepstack-last-level"])
+def test_chunked_items_refuses_what_it_cannot_do(tiny_models, arch, schedule, kw, refused):
+    config = {"v2drop": {**schedule, "chunked_items": True}}
+    msg = startup_error(tiny_models[arch], model_impl="v2drop", additional_config=config, **kw)
     line = next((ln for ln in msg.splitlines() if "V2Drop chunked_items cannot run with:" in ln), msg)
     assert refused in line, msg
+
+
+@pytest.mark.parametrize("arch", ["qwen3-vl", "qwen3-vl-moe"])
+def test_chunked_items_takes_qwen3_vl_drops_after_deepstack(tiny_models, arch):
+    """A first drop layer after the last DeepStack level (layer 3 on the tiny towers) starts."""
+    config = {"v2drop": {"layers": [3, 5], "keep_ratios": [0.5, 0.5], "chunked_items": True}}
+    cfg = engine_config(tiny_models[arch], model_impl="v2drop", additional_config=config, max_num_batched_tokens=16)
+    assert cfg.scheduler_config.disable_chunked_mm_input is False
 
 
 def test_hf_overrides_select_a_variant(tiny_models):
