@@ -25,6 +25,11 @@ Workload spec (``--workload``, repeatable), comma-separated ``key=value``:
     rate=R           requests/s (issued at fixed intervals, still capped by conc); default: as fast as conc allows
 Every request gets its own images / video / text (seeded by its index), identical for both servers.
 
+``--variant NAME=JSON`` (repeatable) adds one more V2Drop server to every round, after the main
+one: the same ``--v2drop-config`` with JSON's keys set over it (e.g.
+``--variant 'probe-1={"quality_probe": {"rate": 1.0}}'``); the report gives each variant's ratios
+to stock and to the main V2Drop server (``results[].variants``).
+
     python benchmarks/bench_v2drop.py --markdown RESULT.json     # the README table of a result file
 """
 
@@ -390,6 +395,29 @@ def impl_args(impl: str, v2drop_config: dict) -> list[str]:
     return ["--model-impl", "v2drop", "--additional-config", json.dumps({"v2drop": v2drop_config})]
 
 
+def parse_variants(specs: list[str], base: dict) -> dict[str, dict]:
+    """``--variant NAME=JSON`` specs -> {NAME: base V2Drop config with JSON's keys set over it}."""
+    out: dict[str, dict] = {}
+    for spec in specs:
+        name, sep, cfg = spec.partition("=")
+        name = name.strip()
+        if not sep or not name or name in (*IMPLS, *out) or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+            raise SystemExit(f"--variant {spec!r}: expected NAME=JSON with a new NAME of letters, digits, . _ -")
+        try:
+            extra = json.loads(cfg)
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"--variant {spec!r}: {err}") from None
+        if not isinstance(extra, dict):
+            raise SystemExit(f"--variant {spec!r}: JSON must be an object")
+        out[name] = {**base, **extra}
+    return out
+
+
+def ratios(num: dict, den: dict) -> dict:
+    """``num / den`` of every METRICS key (None where either side has no value)."""
+    return {k: num[k] / den[k] if den[k] and num[k] is not None else None for k in METRICS}
+
+
 def fmt(v, unit=""):
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
@@ -410,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --arch: tiny (tests), mid (16-layer 512-wide LM, CPU), 7b (GPU)")
     p.add_argument("--models-dir", default=str(REPO / "build" / "bench-models"))
     p.add_argument("--v2drop-config", default="{}", help="V2Drop settings (JSON), as in --additional-config's v2drop")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                   help="one more V2Drop server per round: --v2drop-config with JSON's keys set over it; repeatable")
     p.add_argument("--workload", action="append", default=[], help="workload spec (see above); repeatable")
     p.add_argument("--rounds", type=int, default=2, help="stock/v2drop server pairs, alternating")
     p.add_argument("--max-model-len", type=int, default=4096)
@@ -425,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     v2cfg = json.loads(args.v2drop_config)
+    variants = parse_variants(args.variant, v2cfg)
+    configs = {"v2drop": v2cfg, **variants}  # V2Drop server -> its config
     if args.kv_cache_bytes is None:
         try:
             import torch
@@ -451,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {model}", flush=True)
     print(f"common server args: {' '.join(common)}", flush=True)
     print(f"V2Drop config: {json.dumps(v2cfg)}", flush=True)
+    for name, cfg in variants.items():
+        print(f"variant {name}: {json.dumps(cfg)}", flush=True)
     for w in workloads:
         print(f"workload {w.name}: {w.describe()}", flush=True)
 
@@ -465,11 +499,11 @@ def main(argv: list[str] | None = None) -> int:
     startup: list[str] = []
     monitor = StallMonitor()
     for rnd in range(args.rounds):
-        for impl in IMPLS:
+        for impl in (*IMPLS, *variants):
             log_path = log_dir / f"{label}-r{rnd}-{impl}.log"
             t0 = time.monotonic()
             print(f"\n[round {rnd + 1}/{args.rounds}] {impl}: starting vllm serve ...", flush=True)
-            with serve(model, common + impl_args(impl, v2cfg), log_path=log_path, startup_timeout=900) as url:
+            with serve(model, common + impl_args(impl, configs.get(impl)), log_path=log_path, startup_timeout=900) as url:
                 print(f"[round {rnd + 1}/{args.rounds}] {impl}: up after {time.monotonic() - t0:.0f} s; "
                       f"warm-up ({len(probes)} single-item requests)", flush=True)
                 probe_ids = []
@@ -524,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     monitor.close()
 
     report = make_report(args, model, model_cfg, v2cfg, workloads, runs, item_rows, v2_stats, startup, common,
-                         label)
+                         label, variants)
     out_path.write_text(json.dumps(report, indent=1) + "\n")
     png = out_path.with_suffix(".png")
     plot(report, png)
@@ -537,7 +571,8 @@ def _stats_of(v2_stats: dict, rid: str):
     return next((st for sid, st in v2_stats.items() if sid == rid or sid.startswith(rid + "-")), None)
 
 
-def make_report(args, model, model_cfg, v2cfg, workloads, runs, item_rows, v2_stats, startup, common, label):
+def make_report(args, model, model_cfg, v2cfg, workloads, runs, item_rows, v2_stats, startup, common, label,
+                variants: dict | None = None):
     import vllm
 
     shape = flops.lm_shape(model_cfg) if model_cfg else None
@@ -547,7 +582,7 @@ def make_report(args, model, model_cfg, v2cfg, workloads, runs, item_rows, v2_st
         entry: dict = {"workload": w.name, "spec": asdict(w), "description": w.describe(), "per_impl": {},
                        "per_round_ratio": []}
         pooled = {}
-        for impl in IMPLS:
+        for impl in (*IMPLS, *(variants or {})):
             rs = [r for r in runs if r["workload"] == w.name and r["impl"] == impl]
             recs = [Record(**x) for r in rs for x in r["records"]]
             wall = sum(r["summary"]["wall_s"] for r in rs)
@@ -556,23 +591,32 @@ def make_report(args, model, model_cfg, v2cfg, workloads, runs, item_rows, v2_st
                 "vllm:request_prefill_time_seconds_sum": sum(
                     r["summary"]["prompt_tokens"] / r["summary"]["prefill_tok_s"] for r in rs
                     if r["summary"]["prefill_tok_s"]),
+                "vllm:v2drop_probe_requests_total": sum(r["summary"].get("probe_requests", 0.0) for r in rs),
+                "vllm:v2drop_probe_skipped_total": sum(r["summary"].get("probe_skipped", 0.0) for r in rs),
             }
             pooled[impl] = summarize(recs, wall, counters, max(r["summary"]["kv_usage_peak"] for r in rs))
             pooled[impl]["rounds"] = [r["summary"] for r in rs]
             pooled[impl]["stall_s"] = sum(r["summary"].get("stall_s", 0.0) for r in rs)
         entry["per_impl"] = pooled
-        entry["ratio_v2drop_over_stock"] = {
-            k: (pooled["v2drop"][k] / pooled["stock"][k]) if pooled["stock"][k] and pooled["v2drop"][k] is not None
-            else None for k in METRICS}
+        entry["ratio_v2drop_over_stock"] = ratios(pooled["v2drop"], pooled["stock"])
         entry["measured_ttft_speedup"] = pooled["stock"]["ttft_median_s"] / pooled["v2drop"]["ttft_median_s"]
         if pooled["stock"]["prefill_tok_s"] and pooled["v2drop"]["prefill_tok_s"]:
             # Same prompts on both sides, so engine prefill time ratio = throughput ratio.
             entry["measured_prefill_speedup"] = pooled["v2drop"]["prefill_tok_s"] / pooled["stock"]["prefill_tok_s"]
         for rnd in range(args.rounds):
             by = {r["impl"]: r["summary"] for r in runs if r["workload"] == w.name and r["round"] == rnd}
-            if len(by) == 2:
-                entry["per_round_ratio"].append({k: (by["v2drop"][k] / by["stock"][k]) if by["stock"][k] and
-                                                 by["v2drop"][k] is not None else None for k in METRICS})
+            if "stock" in by and "v2drop" in by:
+                entry["per_round_ratio"].append(ratios(by["v2drop"], by["stock"]))
+        if variants:
+            entry["variants"] = {}
+            for name in variants:
+                by_round = [{r["impl"]: r["summary"] for r in runs if r["workload"] == w.name and r["round"] == rnd}
+                            for rnd in range(args.rounds)]
+                entry["variants"][name] = {
+                    "ratio_over_stock": ratios(pooled[name], pooled["stock"]),
+                    "ratio_over_v2drop": ratios(pooled[name], pooled["v2drop"]),
+                    "per_round_ratio_over_v2drop": [ratios(by[name], by["v2drop"]) for by in by_round
+                                                    if name in by and "v2drop" in by]}
         # V2Drop's own account of the rows, and the FLOP model.
         v2_recs = [x for r in runs if r["workload"] == w.name and r["impl"] == "v2drop" for x in r["records"]]
         stats = [s for s in (_stats_of(v2_stats, x["request_id"]) for x in v2_recs) if s is not None]
@@ -601,6 +645,7 @@ def make_report(args, model, model_cfg, v2cfg, workloads, runs, item_rows, v2_st
         "lm_shape": asdict(shape) if shape else None,
         "architecture": (model_cfg.get("architectures") or [None])[0],
         "v2drop_config": v2cfg,
+        "variants": variants or {},
         "schedule": schedule.description if schedule else None,
         "server_startup_log": startup,
         "common_server_args": common,
@@ -626,6 +671,15 @@ def print_table(report: dict) -> None:
               f"{fmt(r['prefill_tok_s']):>10}{fmt(r['output_tok_s']):>11}{fmt(r['requests_per_s']):>8}"
               f"{fmt(r['kv_usage_peak']):>9}{fmt(e['measured_ttft_speedup']):>8}"
               f"{fmt(e.get('measured_prefill_speedup')):>10}{fmt(ideal):>13}")
+    for name in report.get("variants") or {}:
+        print(f"\nvariant {name}: output tok/s / stock, / v2drop (pooled; per round over v2drop); probe shadows run, "
+              "skipped")
+        for e in report["results"]:
+            v, probe = e["variants"][name], e["per_impl"][name]
+            per_round = ", ".join(fmt(r["output_tok_s"]) for r in v["per_round_ratio_over_v2drop"])
+            print(f"{e['workload']:<14}{fmt(v['ratio_over_stock']['output_tok_s']):>8}"
+                  f"{fmt(v['ratio_over_v2drop']['output_tok_s']):>8} ({per_round})"
+                  f"  {probe['probe_requests']:.0f} run, {probe['probe_skipped']:.0f} skipped")
 
 
 def markdown_table(report: dict) -> str:
@@ -665,6 +719,9 @@ def plot(report: dict, png: Path) -> None:
               lambda e: [r["requests_per_s"] for r in e["per_round_ratio"] if r["requests_per_s"]]),
              ("KV peak", lambda e: e["ratio_v2drop_over_stock"]["kv_usage_peak"],
               lambda e: [r["kv_usage_peak"] for r in e["per_round_ratio"] if r["kv_usage_peak"]])]
+    for name in report.get("variants") or {}:  # --variant: its output tok/s over stock's
+        shown.append((f"output tok/s,\n{name}", lambda e, n=name: e["variants"][n]["ratio_over_stock"]["output_tok_s"],
+                      lambda e: []))
     results = report["results"]
     fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(results) * len(shown) / 3, 4.5))
     width = 0.8 / len(shown)

@@ -151,6 +151,45 @@ def test_report_and_plot_from_synthetic_runs(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_variants_are_extra_v2drop_servers_with_their_ratios(tmp_path):
+    """--variant NAME=JSON: the base config with JSON's keys over it; the report's ratios to stock and v2drop."""
+    base = {"kv_mode": "shared", "quality_probe": None}
+    got = bench_v2drop.parse_variants(['probe-1={"quality_probe": {"rate": 1.0}}', "off={}"], base)
+    assert got == {"probe-1": {"kv_mode": "shared", "quality_probe": {"rate": 1.0}}, "off": base}
+    for bad in ("probe", "v2drop={}", "a b={}", "x=[1]", "x={"):
+        with pytest.raises(SystemExit, match="--variant"):
+            bench_v2drop.parse_variants([bad], base)
+    with pytest.raises(SystemExit, match="new NAME"):
+        bench_v2drop.parse_variants(["x={}", "x={}"], base)
+
+    w = bench_v2drop.Workload.parse("name=dec,images=64x64,out=16,n=2", 0)
+    runs = []
+    for rnd in range(2):
+        for impl, wall, shadows in (("stock", 1.0, 0), ("v2drop", 0.8, 0), ("probe-1", 1.0, 2)):
+            recs = [bench_v2drop.Record(f"{impl}-r{rnd}-{i}", 0.1, wall, 150, 16) for i in range(2)]
+            s = bench_v2drop.summarize(recs, wall, {"vllm:v2drop_probe_requests_total": shadows,
+                                                    "vllm:v2drop_probe_skipped_total": 1}, 0.1)
+            runs.append({"round": rnd, "impl": impl, "workload": "dec", "summary": s,
+                         "records": [vars(r) for r in recs]})
+
+    class Args:
+        rounds = 2
+
+    report = bench_v2drop.make_report(Args, "m", TINY_OV_CONFIG, {}, [w], runs, {}, {}, [], [], "synthetic",
+                                      {"probe-1": {"quality_probe": {"rate": 1.0}}})
+    (e,) = report["results"]
+    v = e["variants"]["probe-1"]
+    assert e["ratio_v2drop_over_stock"]["output_tok_s"] == pytest.approx(1.25)
+    assert v["ratio_over_stock"]["output_tok_s"] == pytest.approx(1.0)
+    assert v["ratio_over_v2drop"]["output_tok_s"] == pytest.approx(0.8)
+    assert [r["output_tok_s"] for r in v["per_round_ratio_over_v2drop"]] == pytest.approx([0.8, 0.8])
+    assert (e["per_impl"]["probe-1"]["probe_requests"], e["per_impl"]["probe-1"]["probe_skipped"]) == (4, 2)
+    assert report["variants"] == {"probe-1": {"quality_probe": {"rate": 1.0}}}
+    json.dumps(report)
+    bench_v2drop.plot(report, tmp_path / "r.png")
+    assert (tmp_path / "r.png").exists()
+
+
 # ----------------------------------------------------------------------------------- committed results
 
 
