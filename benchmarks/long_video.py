@@ -69,7 +69,9 @@ async def stream_request(client, model: str, content: list[dict], max_tokens: in
         extra_headers={"X-Request-Id": rid})
     try:
         async for chunk in stream:
-            if chunk.choices:
+            # Every chunk with a choice carries one token, but the first, which only opens the
+            # assistant's message (it comes with the first token).
+            if chunk.choices and not chunk.choices[0].delta.role:
                 rec["times"].append(time.perf_counter())
             if chunk.usage is not None:
                 rec["prompt_tokens"], rec["completion_tokens"] = chunk.usage.prompt_tokens, chunk.usage.completion_tokens
@@ -91,12 +93,15 @@ async def run_mix(url: str, model: str, args, texts: list[list[dict]], videos: l
 
     async def slot(k: int) -> None:
         nonlocal counter
+        # The slots' first requests are shorter, by different amounts, so the streams do not all
+        # end (and start anew) in the same step.
+        out = max(8, args.stream_out * (k + 1) // args.streams)
         while not stop.is_set():
             i, counter = counter, counter + 1
             rec = {"id": f"{tag}-text-{i}", "times": [], "cut": True}
             streams.append(rec)
-            task = asyncio.ensure_future(stream_request(client, model, texts[i % len(texts)], args.stream_out,
-                                                        rec["id"], rec))
+            task = asyncio.ensure_future(stream_request(client, model, texts[i % len(texts)], out, rec["id"], rec))
+            out = args.stream_out
             stopper = asyncio.ensure_future(stop.wait())
             done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if task in done:
@@ -125,27 +130,35 @@ async def run_mix(url: str, model: str, args, texts: list[list[dict]], videos: l
 # ----------------------------------------------------------------------------------------- metrics
 
 
-def summarize_mix(mix: dict) -> dict:
-    """The window's metrics (times relative to the run's start)."""
+def chunk_timeline(mix: dict) -> dict:
+    """Per decoding request its chunk times, and per video its start and chunk times (s from the run's start)."""
     t0 = mix["t0"]
-    vids = mix["videos"]
-    w0 = min(v["start"] for v in vids)
-    w1 = max(v["times"][-1] if v["times"] else v["start"] for v in vids)
-    gaps, tokens_in_window, reqs = [], 0, 0
-    for rec in mix["streams"]:
-        ts = rec["times"]
-        tokens_in_window += sum(w0 <= t <= w1 for t in ts)
-        reqs += bool(ts)
-        gaps += [b - a for a, b in zip(ts, ts[1:]) if w0 <= b <= w1]
-    tokens_in_window += sum(w0 <= t <= w1 for v in vids for t in v["times"])
-    done = [r for r in [*mix["streams"], *vids] if r.get("completion_tokens")]
-    # One token per streamed chunk (vLLM's default stream interval): checked on the finished requests.
-    tokens_per_chunk = sum(r["completion_tokens"] for r in done) / max(sum(len(r["times"]) for r in done), 1)
-    ttfts = [v["times"][0] - v["start"] for v in vids if v["times"]]
+    r = lambda xs: [round(x - t0, 4) for x in xs]  # noqa: E731
+    return {"streams": [r(rec["times"]) for rec in mix["streams"]],
+            "videos": [{"start": round(v["start"] - t0, 4), "times": r(v["times"])} for v in mix["videos"]]}
+
+
+def window(tl: dict) -> tuple[float, float]:
+    """The measured window of a run: from the first video's arrival to the last video's last token."""
+    vids = tl["videos"]
+    return min(v["start"] for v in vids), max(v["times"][-1] if v["times"] else v["start"] for v in vids)
+
+
+def window_metrics(timelines: list[dict]) -> dict:
+    """The metrics of the windows of one or more runs (timelines of :func:`chunk_timeline`), pooled."""
+    gaps, ttfts, tokens, length, reqs = [], [], 0, 0.0, 0
+    for tl in timelines:
+        w0, w1 = window(tl)
+        length += w1 - w0
+        for ts in tl["streams"]:
+            tokens += sum(w0 <= t <= w1 for t in ts)
+            reqs += any(w0 <= t <= w1 for t in ts)
+            gaps += [b - a for a, b in zip(ts, ts[1:]) if w0 <= b <= w1]
+        tokens += sum(w0 <= t <= w1 for v in tl["videos"] for t in v["times"])
+        ttfts += [v["times"][0] - v["start"] for v in tl["videos"] if v["times"]]
     return {
-        "window_s": w1 - w0,
-        "window_start_s": w0 - t0,
-        "decode_requests": reqs,
+        "window_s": length,
+        "decode_requests_in_window": reqs,
         "itl_samples": len(gaps),
         "itl_p50_s": bench.pct(gaps, 0.5),
         "itl_p90_s": bench.pct(gaps, 0.9),
@@ -154,18 +167,14 @@ def summarize_mix(mix: dict) -> dict:
         "video_ttft_median_s": statistics.median(ttfts) if ttfts else float("nan"),
         "video_ttft_max_s": max(ttfts, default=float("nan")),
         "video_ttfts_s": ttfts,
-        "video_prompt_tokens": [v["prompt_tokens"] for v in vids],
-        "output_tok_s": tokens_in_window / (w1 - w0),
-        "tokens_per_chunk": tokens_per_chunk,
+        "output_tok_s": tokens / length if length else float("nan"),
     }
 
 
-def chunk_timeline(mix: dict) -> dict:
-    """Per decoding request its chunk times, and per video its start and chunk times (s from the run's start)."""
-    t0 = mix["t0"]
-    r = lambda xs: [round(x - t0, 4) for x in xs]  # noqa: E731
-    return {"streams": [r(rec["times"]) for rec in mix["streams"]],
-            "videos": [{"start": round(v["start"] - t0, 4), "times": r(v["times"])} for v in mix["videos"]]}
+def tokens_per_chunk(mix: dict) -> float:
+    """Completion tokens per counted chunk of the finished requests: 1.0 at vLLM's default stream interval."""
+    done = [r for r in [*mix["streams"], *mix["videos"]] if r.get("completion_tokens")]
+    return sum(r["completion_tokens"] for r in done) / max(sum(len(r["times"]) for r in done), 1)
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -274,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoder-cache-tokens", type=int, default=None,
                    help="vLLM's encoder cache size and per-step encoder budget in every server (default: "
                         "--max-model-len; 0: vLLM's own sizing, which may refuse long videos)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeats of the whole sequence of servers (odd rounds in reverse order); pooled")
     p.add_argument("--engines", default=",".join(ENGINES), help="which engines to run (comma-separated)")
     p.add_argument("--out", default=None, help="JSON result file (a .png is written beside it)")
     p.add_argument("--label", default=None)
@@ -319,11 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     startup: list[str] = []
     v2_rows: dict[str, list] = {}
     todo = list(plan) + ([("v2drop-unsplit", None)] if "v2drop-unsplit" in engines else [])
-    for impl, budget in todo:
+    order = [(rnd, impl, b) for rnd in range(args.rounds) for impl, b in (todo if rnd % 2 == 0 else todo[::-1])]
+    for rnd, impl, budget in order:
         if budget is None:  # the unsplit engine: one video request per step
             need = video_prompt_tokens or 0
             budget = args.unsplit_budget or max(512 * math.ceil((need + 1) / 512), max(budgets))
-        tag = f"{impl}-{budget}"
+        tag = f"{impl}-{budget}" + (f"-r{rnd}" if args.rounds > 1 else "")
         sargs = server_args(args, budget, impl, v2cfg)
         log_path = log_dir / f"{label}-{tag}.log"
         print(f"\n[{tag}] starting vllm serve {' '.join(sargs)}", flush=True)
@@ -334,14 +346,19 @@ def main(argv: list[str] | None = None) -> int:
             video_prompt_tokens = video_prompt_tokens or warm["prompt_tokens"]
             print(f"[{tag}] warm-up video: {warm['prompt_tokens']} prompt tokens, TTFT "
                   f"{warm['times'][0] - warm['start']:.2f} s (alone); running the mix", flush=True)
+            load = os.getloadavg()[0]
             before = bench.scrape(url)
             mix = asyncio.run(run_mix(url, model, args, texts, videos, tag))
             counters = bench.counter_delta(before, bench.scrape(url))
-            s = summarize_mix(mix)
-            s["stall_s"] = monitor.stalled(mix["wall_t0"] + s["window_start_s"],
-                                           mix["wall_t0"] + s["window_start_s"] + s["window_s"])
+            tl = chunk_timeline(mix)
+            s = window_metrics([tl])
+            w0, w1 = window(tl)
+            s["stall_s"] = monitor.stalled(mix["wall_t0"] + w0, mix["wall_t0"] + w1)
             s["preemptions"] = counters.get("vllm:num_preemptions_total", 0.0)
+            s["tokens_per_chunk"] = tokens_per_chunk(mix)
+            s["video_prompt_tokens"] = [v["prompt_tokens"] for v in mix["videos"]]
             s["warmup_video_alone_ttft_s"] = warm["times"][0] - warm["start"]
+            s["load_average_1min_before"] = load
         text = read_log(log_path)
         if args.encoder_cache_tokens and "encoder cache and budget raised" not in text:
             raise SystemExit(f"{log_path}: the encoder cache was not raised (vLLM changed? see ENCODER_CACHE_SITE)")
@@ -354,12 +371,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{bench.fmt(s['itl_p99_s'], ' s')}, max {bench.fmt(s['itl_max_s'], ' s')}; video TTFT p50 "
               f"{bench.fmt(s['video_ttft_median_s'], ' s')}; {bench.fmt(s['output_tok_s'], ' tok/s')}; "
               f"machine stalled {s['stall_s']:.2f} s", flush=True)
-        runs.append({"engine": impl, "budget": budget, "server_args": sargs, "summary": s,
-                     "timeline": chunk_timeline(mix)})
+        runs.append({"round": rnd, "engine": impl, "budget": budget, "server_args": sargs, "summary": s,
+                     "timeline": tl})
+        # What is measured so far, should a later server fail.
+        out_path.with_suffix(".partial.json").write_text(json.dumps(runs) + "\n")
     monitor.close()
 
     report = make_report(args, model, v2cfg, budgets, runs, startup, v2_rows, label, video)
     out_path.write_text(json.dumps(report, indent=1) + "\n")
+    out_path.with_suffix(".partial.json").unlink(missing_ok=True)
     png = out_path.with_suffix(".png")
     plot(report, png)
     print("\n" + markdown_table(report))
@@ -384,8 +404,20 @@ def _ratio(a, b):
 def make_report(args, model, v2cfg, budgets, runs, startup, v2_rows, label, video) -> dict:
     import vllm
 
-    by = {(r["engine"], r["budget"]): r["summary"] for r in runs}
-    unsplit = next((r for r in runs if r["engine"] == "v2drop-unsplit"), None)
+    # Per engine and budget, the windows of every round pooled.
+    keys = list(dict.fromkeys((r["engine"], r["budget"]) for r in runs))
+    results = []
+    for engine, budget in keys:
+        mine = [r for r in runs if (r["engine"], r["budget"]) == (engine, budget)]
+        pooled = window_metrics([r["timeline"] for r in mine])
+        pooled["stall_s"] = sum(r["summary"]["stall_s"] for r in mine)
+        pooled["preemptions"] = sum(r["summary"]["preemptions"] for r in mine)
+        pooled["rounds"] = len(mine)
+        pooled["per_round"] = {k: [r["summary"][k] for r in mine]
+                               for k in ("itl_p50_s", "itl_p99_s", "video_ttft_median_s", "output_tok_s")}
+        results.append({"engine": engine, "budget": budget, "summary": pooled})
+    by = {(r["engine"], r["budget"]): r["summary"] for r in results}
+    unsplit = next((r for r in results if r["engine"] == "v2drop-unsplit"), None)
     comparisons = []
     for b in budgets:
         st, ch = by.get(("stock", b)), by.get(("v2drop-chunked", b))
@@ -393,6 +425,8 @@ def make_report(args, model, v2cfg, budgets, runs, startup, v2_rows, label, vide
         if not (st and ch):
             continue
         c = {"budget": b,
+             "per_round_p99_chunked_over_stock": [_ratio(x, y) for x, y in zip(ch["per_round"]["itl_p99_s"],
+                                                                                 st["per_round"]["itl_p99_s"])],
              "chunked_over_stock": {k: _ratio(ch[k], st[k]) for k in
                                     ("itl_p50_s", "itl_p99_s", "itl_max_s", "video_ttft_median_s", "output_tok_s")},
              "chunked_over_unsplit": {k: _ratio(ch[k], un[k]) for k in ("itl_p99_s", "itl_max_s")} if un else None}
@@ -422,6 +456,8 @@ def make_report(args, model, v2cfg, budgets, runs, startup, v2_rows, label, vide
         "goals": GOALS,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                     "vllm": vllm.__version__, "load_average": os.getloadavg()},
+        "rounds": max((r["round"] for r in runs), default=0) + 1,
+        "results": results,
         "comparisons": comparisons,
         "runs": runs,
     }
@@ -433,15 +469,16 @@ def _ms(v) -> str:
 
 def markdown_table(report: dict) -> str:
     """Engine x budget: decode ITL, video TTFT, output tok/s; then V2Drop chunked / stock (and / unsplit)."""
-    rows = ["| budget | engine | decode ITL p50 (ms) | p99 (ms) | max (ms) | video TTFT p50 (s) | output tok/s | "
+    rows = ["| budget | engine | decode ITL p50 (ms) | p99 (ms) (per round) | max (ms) | video TTFT p50 (s) | output tok/s | "
             "machine stall in window (s) |", "|---|---|---|---|---|---|---|---|"]
-    unsplit = next((r for r in report["runs"] if r["engine"] == "v2drop-unsplit"), None)
+    unsplit = next((r for r in report["results"] if r["engine"] == "v2drop-unsplit"), None)
     for b in report["budgets"]:
-        for r in [x for x in report["runs"] if x["budget"] == b and x["engine"] != "v2drop-unsplit"] + (
+        for r in [x for x in report["results"] if x["budget"] == b and x["engine"] != "v2drop-unsplit"] + (
                 [unsplit] if unsplit else []):
             s = r["summary"]
             name = r["engine"] + (f" (budget {r['budget']})" if r["engine"] == "v2drop-unsplit" else "")
-            rows.append(f"| {b} | {name} | {_ms(s['itl_p50_s'])} | {_ms(s['itl_p99_s'])} | {_ms(s['itl_max_s'])} | "
+            per = "" if s["rounds"] < 2 else " (" + ", ".join(_ms(x) for x in s["per_round"]["itl_p99_s"]) + ")"
+            rows.append(f"| {b} | {name} | {_ms(s['itl_p50_s'])} | {_ms(s['itl_p99_s'])}{per} | {_ms(s['itl_max_s'])} | "
                         f"{bench.fmt(s['video_ttft_median_s'])} | {bench.fmt(s['output_tok_s'])} | "
                         f"{s['stall_s']:.2f} |")
     rows += ["", "| budget | ITL p50 chunked/stock | ITL p99 chunked/stock | ITL p99 chunked/unsplit | "
@@ -462,7 +499,7 @@ def plot(report: dict, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = report["runs"]
+    runs = report["results"]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [1, 1.6]})
     names = [f"{r['engine']}\n@{r['budget']}" for r in runs]
     xs = range(len(runs))
@@ -475,7 +512,8 @@ def plot(report: dict, png: Path) -> None:
     ax.set_xticks(list(xs), names, fontsize=7)
     ax.set_ylabel("decode inter-token latency (ms)")
     ax.legend(fontsize=7)
-    for r in runs:
+    first = [r for r in report["runs"] if r["round"] == 0]
+    for r in first:
         tl = r["timeline"]
         gaps = [(b, b - a) for ts in tl["streams"] for a, b in zip(ts, ts[1:])]
         if not gaps:
@@ -485,9 +523,9 @@ def plot(report: dict, png: Path) -> None:
             bins[int(t / 0.25)] = max(bins.get(int(t / 0.25), 0.0), g)
         ks = sorted(bins)
         bx.plot([k * 0.25 for k in ks], [1000 * bins[k] for k in ks], lw=0.8, label=f"{r['engine']} @{r['budget']}")
-    for v in (runs[0]["timeline"]["videos"] if runs else []):
+    for v in (first[0]["timeline"]["videos"] if first else []):
         bx.axvline(v["start"], color="grey", lw=0.5, ls=":")
-    bx.set_xlabel("s from the start of the run (dotted: video arrivals of the first run)")
+    bx.set_xlabel("s from the start of the run, first round (dotted: video arrivals)")
     bx.set_ylabel("largest ITL in each 0.25 s (ms)")
     bx.legend(fontsize=7)
     fig.suptitle(f"{report['label']}: decoding streams beside long videos (vLLM {report['machine']['vllm']})",

@@ -175,13 +175,19 @@ def _synthetic_mix(step: float, stall: float) -> dict:
 
 
 def test_long_video_window_metrics():
-    s = long_video.summarize_mix(_synthetic_mix(step=0.05, stall=0.5))
+    mix = _synthetic_mix(step=0.05, stall=0.5)
+    tl = long_video.chunk_timeline(mix)
+    assert long_video.window(tl) == pytest.approx((1.0, 1.0 + 0.5 + 19 * 0.05))
+    s = long_video.window_metrics([tl])
     assert s["window_s"] == pytest.approx(0.5 + 19 * 0.05)
     assert s["video_ttft_median_s"] == pytest.approx(0.5)
     assert s["itl_p50_s"] == pytest.approx(0.05) and s["itl_max_s"] == pytest.approx(0.5)
-    assert s["tokens_per_chunk"] == pytest.approx(1.0)
+    assert long_video.tokens_per_chunk(mix) == pytest.approx(1.0)
     # Tokens streamed inside the window (both streams and the video) over its length.
     assert s["output_tok_s"] == pytest.approx((2 * 20 + 20) / 1.45, rel=0.1)
+    # Rounds pool: the same window twice is the same rates, twice the samples.
+    two = long_video.window_metrics([tl, tl])
+    assert two["itl_samples"] == 2 * s["itl_samples"] and two["output_tok_s"] == pytest.approx(s["output_tok_s"])
 
 
 def test_long_video_server_args_per_engine():
@@ -215,13 +221,13 @@ def test_long_video_encoder_cache_site(tmp_path):
 
 def test_long_video_report_table_and_plot(tmp_path):
     runs = []
-    for engine, budget, stall in (("stock", 512, 0.5), ("v2drop-chunked", 512, 0.3), ("v2drop-unsplit", 4608, 2.0)):
-        mix = _synthetic_mix(step=0.05, stall=stall)
-        s = long_video.summarize_mix(mix)
-        s["stall_s"] = 0.0
-        runs.append({"engine": engine, "budget": budget, "server_args": [], "summary": s,
-                     "timeline": long_video.chunk_timeline(mix)})
-    by = {(r["engine"], r["budget"]): r for r in runs}
+    for rnd in range(2):
+        for engine, budget, stall in (("stock", 512, 0.5), ("v2drop-chunked", 512, 0.3),
+                                      ("v2drop-unsplit", 4608, 2.0)):
+            tl = long_video.chunk_timeline(_synthetic_mix(step=0.05, stall=stall))
+            s = {**long_video.window_metrics([tl]), "stall_s": 0.0, "preemptions": 0.0}
+            runs.append({"round": rnd, "engine": engine, "budget": budget, "server_args": [], "summary": s,
+                         "timeline": tl})
 
     class Args:
         streams, stream_text, stream_out, videos, interval, warmup, video_out, encoder_cache_tokens = (
@@ -232,7 +238,9 @@ def test_long_video_report_table_and_plot(tmp_path):
     assert c["chunked_over_stock"]["video_ttft_median_s"] == pytest.approx(0.3 / 0.5)
     assert c["chunked_over_unsplit"]["itl_max_s"] == pytest.approx(0.3 / 2.0)
     assert c["goals"]["video_ttft_no_worse_than_stock"] and c["goals"]["p99_itl_below_unsplit"]
-    assert by["stock", 512]["summary"]["itl_max_s"] == pytest.approx(0.5)
+    assert len(c["per_round_p99_chunked_over_stock"]) == 2 and report["rounds"] == 2
+    by = {(r["engine"], r["budget"]): r["summary"] for r in report["results"]}
+    assert by["stock", 512]["itl_max_s"] == pytest.approx(0.5) and by["stock", 512]["rounds"] == 2
     table = long_video.markdown_table(report)
     assert "| 512 | v2drop-unsplit (budget 4608) |" in table and "goals met" in table
     json.dumps(report)
