@@ -267,6 +267,21 @@ def test_committed_results_are_complete(name):
     assert f"{name}.json" in (REPO / "benchmarks" / "results" / "README.md").read_text()
 
 
+def test_committed_long_video_result_is_complete():
+    path = REPO / "benchmarks" / "results" / "cpu-long-video-llava-onevision.json"
+    report = json.loads(path.read_text())
+    assert path.with_suffix(".png").exists()
+    assert report["command"].startswith("python benchmarks/long_video.py")
+    engines = {(r["engine"], r["budget"]) for r in report["results"]}
+    assert {("stock", 512), ("v2drop-chunked", 512), ("stock", 2048), ("v2drop-chunked", 2048)} <= engines
+    assert any(e == "v2drop-unsplit" for e, _ in engines)
+    assert len(report["comparisons"]) == 2
+    for r in report["runs"]:
+        assert r["summary"]["tokens_per_chunk"] == pytest.approx(1.0)
+        assert max(r["summary"]["video_prompt_tokens"]) > 2048  # a video is longer than the larger budget
+    assert "cpu-long-video-llava-onevision.json" in (REPO / "benchmarks" / "results" / "README.md").read_text()
+
+
 # ----------------------------------------------------------------------------------------- end to end
 
 
