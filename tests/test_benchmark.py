@@ -18,6 +18,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import bench_v2drop
 import flops
+import long_video
 
 TINY_OV_CONFIG = {
     "architectures": ["LlavaOnevisionForConditionalGeneration"],
@@ -190,6 +191,103 @@ def test_variants_are_extra_v2drop_servers_with_their_ratios(tmp_path):
     assert (tmp_path / "r.png").exists()
 
 
+# ------------------------------------------------------------------------------- long-video benchmark
+
+
+def _synthetic_mix(step: float, stall: float) -> dict:
+    """Two decoding streams with a token every ``step`` s; one video arriving at 1 s whose prefill
+    stalls both streams once for ``stall`` s; its first token then, and 19 more a ``step`` apart."""
+    t0 = 100.0
+    video_start, first = t0 + 1.0, t0 + 1.0 + stall
+    streams = []
+    for k in range(2):
+        times, t, stalled = [], t0 + 0.01 * k, False
+        while t < t0 + 10.0:
+            times.append(t)
+            t += stall if t >= video_start and not stalled else step
+            stalled = stalled or t - times[-1] == stall
+        streams.append({"id": f"s{k}", "start": t0, "times": times, "completion_tokens": len(times),
+                        "cut": False})
+    video = {"id": "v", "start": video_start, "times": [first + i * step for i in range(20)],
+             "prompt_tokens": 4136, "completion_tokens": 20}
+    return {"t0": t0, "wall_t0": 0.0, "videos": [video], "streams": streams}
+
+
+def test_long_video_window_metrics():
+    mix = _synthetic_mix(step=0.05, stall=0.5)
+    tl = long_video.chunk_timeline(mix)
+    assert long_video.window(tl) == pytest.approx((1.0, 1.0 + 0.5 + 19 * 0.05))
+    s = long_video.window_metrics([tl])
+    assert s["window_s"] == pytest.approx(0.5 + 19 * 0.05)
+    assert s["video_ttft_median_s"] == pytest.approx(0.5)
+    assert s["itl_p50_s"] == pytest.approx(0.05) and s["itl_max_s"] == pytest.approx(0.5)
+    assert long_video.tokens_per_chunk(mix) == pytest.approx(1.0)
+    # Tokens streamed inside the window (both streams and the video) over its length.
+    assert s["output_tok_s"] == pytest.approx((2 * 20 + 20) / 1.45, rel=0.1)
+    # Rounds pool: the same window twice is the same rates, twice the samples.
+    two = long_video.window_metrics([tl, tl])
+    assert two["itl_samples"] == 2 * s["itl_samples"] and two["output_tok_s"] == pytest.approx(s["output_tok_s"])
+
+
+def test_long_video_server_args_per_engine():
+    class Args:
+        max_model_len, video_frames, max_num_seqs, kv_cache_bytes, built, server_args = 8192, 256, 64, 0, True, ""
+
+    stock = long_video.server_args(Args, 512, "stock", {})
+    chunked = long_video.server_args(Args, 512, "v2drop-chunked", {"preset": "video-25"})
+    unsplit = long_video.server_args(Args, 4608, "v2drop-unsplit", {})
+    assert "--disable-chunked-mm-input" not in stock + chunked + unsplit  # stock splits items freely
+    assert stock[stock.index("--max-num-batched-tokens") + 1] == "512" and "--model-impl" not in stock
+    assert json.loads(chunked[-1]) == {"v2drop": {"preset": "video-25", "chunked_items": True}}
+    assert json.loads(unsplit[-1]) == {"v2drop": {"chunked_items": False}}
+    assert unsplit[unsplit.index("--max-num-batched-tokens") + 1] == "4608"
+    assert chunked[:chunked.index("--model-impl")] == stock  # the same engine settings otherwise
+
+
+def test_long_video_encoder_cache_site(tmp_path):
+    """The servers' sitecustomize raises vLLM's encoder cache and encoder budget, nothing else."""
+    env = {**__import__("os").environ, **long_video.encoder_cache_env(tmp_path, 8192)}
+    code = ("from types import SimpleNamespace as N\n"
+            "from vllm.v1.core.encoder_cache_manager import compute_mm_encoder_budget as f\n"
+            "c = N(max_num_encoder_input_tokens=512, encoder_cache_size=512, disable_chunked_mm_input=False,"
+            " max_num_batched_tokens=512)\n"
+            "print(f(c, {'video': 257}), f(c, {}))\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[0] == "(8192, 8192) (0, 0)"
+    assert "encoder cache and budget raised to 8192 tokens" in out.stderr
+
+
+def test_long_video_report_table_and_plot(tmp_path):
+    runs = []
+    for rnd in range(2):
+        for engine, budget, stall in (("stock", 512, 0.5), ("v2drop-chunked", 512, 0.3),
+                                      ("v2drop-unsplit", 4608, 2.0)):
+            tl = long_video.chunk_timeline(_synthetic_mix(step=0.05, stall=stall))
+            s = {**long_video.window_metrics([tl]), "stall_s": 0.0, "preemptions": 0.0}
+            runs.append({"round": rnd, "engine": engine, "budget": budget, "server_args": [], "summary": s,
+                         "timeline": tl})
+
+    class Args:
+        streams, stream_text, stream_out, videos, interval, warmup, video_out, encoder_cache_tokens = (
+            2, 4, 8, 1, 1.0, 1.0, 2, 8192)
+
+    report = long_video.make_report(Args, str(tmp_path), {}, [512], runs, [], {}, "synthetic", (256, 64, 64))
+    (c,) = report["comparisons"]
+    assert c["chunked_over_stock"]["video_ttft_median_s"] == pytest.approx(0.3 / 0.5)
+    assert c["chunked_over_unsplit"]["itl_max_s"] == pytest.approx(0.3 / 2.0)
+    assert c["goals"]["video_ttft_no_worse_than_stock"] and c["goals"]["p99_itl_below_unsplit"]
+    assert len(c["per_round_p99_chunked_over_stock"]) == 2 and report["rounds"] == 2
+    by = {(r["engine"], r["budget"]): r["summary"] for r in report["results"]}
+    assert by["stock", 512]["itl_max_s"] == pytest.approx(0.5) and by["stock", 512]["rounds"] == 2
+    table = long_video.markdown_table(report)
+    assert "| 512 | v2drop-unsplit (budget 4608) |" in table and "goals met" in table
+    json.dumps(report)
+    png = tmp_path / "r.png"
+    long_video.plot(report, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 # ----------------------------------------------------------------------------------- committed results
 
 
@@ -206,6 +304,21 @@ def test_committed_results_are_complete(name):
         assert e["flops"]["plan_matches_log"] and e["flops"]["ideal_prefill_speedup"] > 1
         assert e["v2drop_rows"]["requests_logged"] == e["v2drop_rows"]["requests"]
     assert f"{name}.json" in (REPO / "benchmarks" / "results" / "README.md").read_text()
+
+
+def test_committed_long_video_result_is_complete():
+    path = REPO / "benchmarks" / "results" / "cpu-long-video-llava-onevision.json"
+    report = json.loads(path.read_text())
+    assert path.with_suffix(".png").exists()
+    assert report["command"].startswith("python benchmarks/long_video.py")
+    engines = {(r["engine"], r["budget"]) for r in report["results"]}
+    assert {("stock", 512), ("v2drop-chunked", 512), ("stock", 2048), ("v2drop-chunked", 2048)} <= engines
+    assert any(e == "v2drop-unsplit" for e, _ in engines)
+    assert len(report["comparisons"]) == 2
+    for r in report["runs"]:
+        assert r["summary"]["tokens_per_chunk"] == pytest.approx(1.0)
+        assert max(r["summary"]["video_prompt_tokens"]) > 2048  # a video is longer than the larger budget
+    assert "cpu-long-video-llava-onevision.json" in (REPO / "benchmarks" / "results" / "README.md").read_text()
 
 
 # ----------------------------------------------------------------------------------------- end to end
