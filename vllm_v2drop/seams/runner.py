@@ -399,7 +399,7 @@ def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> No
     decode = step.decode
     # first every stage's host arrays into the step's staging buffer, then one copy to the device
     staged: dict[int, tuple] = {}
-    host = runner.device.type == "cpu"  # the plan's own arrays serve as the device's in a decode step
+    host = staging.aliased  # the device is the host: a decode step hands attention the plan's own arrays
     if decode:  # one row per request in every stage, at seq_len - 1 (the plan's kv_starts)
         qsl_cpu, qsl_dev = runner.query_start_loc.cpu[: n + 1], runner.query_start_loc.gpu[: n + 1]
         if not host:
@@ -424,7 +424,7 @@ def install_stage_metadata(runner, runtime: V2DropRuntime, step: StepPlan) -> No
             continue
         if decode:
             # each stage its own array: rows of one [S+1, n] tensor given to vLLM 0.32's CPU
-            # attention as seq_lens gave wrong tokens (test_batch_equals_alone)
+            # attention as seq_lens made a batched decode differ from the same requests alone
             if host:
                 seq_cpu = seq_dev = torch.from_numpy(step.seq_lens[stage].astype(np.int32))
                 kv_pos = torch.from_numpy(step.kv_starts[stage])

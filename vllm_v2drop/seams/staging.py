@@ -107,6 +107,11 @@ class StepStaging:
         return buffer
 
     @property
+    def aliased(self) -> bool:
+        """The device twin is the host buffer (the device is the host): nothing is ever copied."""
+        return self._aliased
+
+    @property
     def capacity(self) -> int:
         return self.buffer.cpu.shape[0]
 
