@@ -385,7 +385,7 @@ def server_args(args, model_dir_built: bool, workloads: list[Workload]) -> list[
     if args.kv_cache_bytes:
         common += ["--kv-cache-memory-bytes", str(args.kv_cache_bytes)]
     if model_dir_built:
-        common += ["--enforce-eager", "--dtype", "float32"]
+        common += ["--dtype", "float32"] + ([] if args.compiled else ["--enforce-eager"])
     return common + shlex.split(args.server_args)
 
 
@@ -446,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-cache-bytes", type=int, default=None,
                    help="KV cache size (default: 256 MiB without CUDA, vLLM's default with; 0 = vLLM's default)")
     p.add_argument("--server-args", default="", help="more `vllm serve` arguments, given to both servers")
+    p.add_argument("--compiled", action="store_true",
+                   help="with --arch: serve compiled, as vLLM does by default (no --enforce-eager): vLLM compiles "
+                        "the language model and V2Drop the segments of its drop loop")
     p.add_argument("--out", default=None, help="JSON result file (a .png is written beside it)")
     p.add_argument("--label", default=None, help="name of the run in the report")
     p.add_argument("--stall-limit", type=float, default=0.25,

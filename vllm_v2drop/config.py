@@ -52,6 +52,7 @@ ALLOWED: dict[str, str] = {
     "trace": "null or a directory path (string)",
     "kv_mode": "shared, per_stage",
     "chunked_items": "true or false",
+    "compile_drop_loop": "true or false",
     "allow_request_overrides": "true or false",
     "quality_probe": 'null or an object {"rate": ..., "max_in_flight": ..., "max_waiting": ...}',
 }
@@ -168,6 +169,9 @@ class V2DropConfig(BaseModel):
         chunked_items: let chunked prefill split a vision item across steps (items longer than
             ``--max-num-batched-tokens``): its rows wait at the first drop layer until the item
             completes (docs/chunked-items.md). Off: every item is computed in one step.
+        compile_drop_loop: compile the decoder layers between two drop points of a step that
+            drops rows with vLLM's ``torch.compile`` backend, as vLLM compiles the model (never
+            with ``--enforce-eager``). Off: such steps run the layers eagerly.
         allow_request_overrides: whether a request may choose its own budget
             (``v2drop_*`` keys of ``SamplingParams.extra_args`` / the OpenAI
             ``vllm_xargs``; see :mod:`vllm_v2drop.overrides`). False pins the
@@ -189,6 +193,7 @@ class V2DropConfig(BaseModel):
     trace: str | None = None
     kv_mode: Literal["shared", "per_stage"] = "shared"
     chunked_items: bool = False
+    compile_drop_loop: bool = True
     allow_request_overrides: bool = True
     quality_probe: QualityProbeConfig | None = None
 
@@ -377,6 +382,7 @@ class V2DropConfig(BaseModel):
             trace=self.trace,
             kv_mode=self.kv_mode,
             chunked_items=self.chunked_items,
+            compile_drop_loop=self.compile_drop_loop,
             reference_rows=self.reference_rows,
             allow_request_overrides=self.allow_request_overrides,
         )
@@ -405,6 +411,7 @@ class ResolvedSchedule:
     trace: str | None = None
     kv_mode: Literal["shared", "per_stage"] = "shared"
     chunked_items: bool = False
+    compile_drop_loop: bool = True
     reference_rows: int = 576
     allow_request_overrides: bool = True
 

@@ -34,6 +34,18 @@ from vllm_v2drop.seams._patch import patch
 from vllm_v2drop.worker.runtime import ROWS_KEY, V2DropRuntime
 
 
+def _drop_loop_backend(vllm_config, schedule) -> str | None:
+    """The ``torch.compile`` backend of the drop loop's segments: vLLM's own (Inductor) where vLLM
+    compiles the language model, None (eager) where it runs it eagerly or ``compile_drop_loop`` is off."""
+    from vllm.config import CompilationMode
+
+    compilation = vllm_config.compilation_config
+    if not schedule.compile_drop_loop or vllm_config.model_config.enforce_eager or compilation.mode in (
+            None, CompilationMode.NONE):
+        return None
+    return "eager" if compilation.backend == "eager" else "inductor"
+
+
 class V2DropMixin:
     """Adds V2Drop to a vLLM VLM (decoder stack: :meth:`v2drop_decoder`)."""
 
@@ -54,7 +66,9 @@ class V2DropMixin:
         lm = self.v2drop_decoder()
         layers = lm.layers[lm.start_layer : lm.end_layer]
         names = [layer.self_attn.attn.layer_name for layer in layers]
-        self.v2drop_runtime = V2DropRuntime(resolve_schedule(vllm_config), names, first_layer=lm.start_layer)
+        schedule = resolve_schedule(vllm_config)
+        self.v2drop_runtime = V2DropRuntime(schedule, names, first_layer=lm.start_layer,
+                                            compile_backend=_drop_loop_backend(vllm_config, schedule))
         runner.install_worker(self.v2drop_runtime, [layer.self_attn.attn for layer in layers])
         if vllm_config.parallel_config.pipeline_parallel_size > 1:
             # a later pipeline rank also receives which step rows the previous rank kept

@@ -34,8 +34,9 @@ SEAM = Seam("model registry and config hook", "every process: the V2Drop archite
     Touch(f"{_MCFG}:VerifyAndUpdateConfig.verify_and_update_config", "(vllm_config)", EXACT,
           "seams.registry.V2DropConfigHook"),
     Touch("vllm.config:CompilationMode.STOCK_TORCH_COMPILE", None, NAMES, "seams.registry._defeats_stage_metadata"),
-    Touch("vllm.config:CUDAGraphMode.PIECEWISE", None, NAMES, "seams.registry._force_runner_and_graphs"),
     Touch("vllm.config:CUDAGraphMode.has_full_cudagraphs", "(self)", CALLS, "seams.registry._force_runner_and_graphs"),
+    Touch("vllm.config:CUDAGraphMode.has_piecewise_cudagraphs", "(self)", CALLS,
+          "seams.registry._force_runner_and_graphs"),
     Touch("vllm.platforms.interface:Platform.is_cuda_alike", "(self)", CALLS, "seams.registry._force_runner_and_graphs"),
     Touch("vllm.platforms.interface:Platform.support_hybrid_kv_cache", "()", CALLS,
           "seams.registry.V2DropConfigHook"),
@@ -243,7 +244,8 @@ def _defeats_stage_metadata(vllm_config) -> list[str]:
     if getattr(compilation.pass_config, "fuse_attn_quant", None):
         refused.append(
             "attention + quantisation fusion (compilation_config pass_config.fuse_attn_quant): it turns "
-            "the forced piecewise CUDA graphs into full ones, whose attention metadata is one for all stages")
+            "the piecewise CUDA graphs of V2Drop's drop steps into full ones, whose attention metadata is one "
+            "for all stages")
     if compilation.use_inductor_graph_partition:
         refused.append(
             "Inductor graph partitioning (compilation_config use_inductor_graph_partition): the KV-cache "
@@ -270,15 +272,16 @@ def _hybrid_kv_cache_problem() -> str | None:
 
 
 def _force_runner_and_graphs(vllm_config) -> list[str]:
-    """On GPUs: the V1 model runner (the adapter V2Drop ships) and piecewise CUDA graphs.
+    """On GPUs: the V1 model runner (the adapter V2Drop ships); says how CUDA graphs serve V2Drop.
 
-    Full CUDA graphs capture attention with fixed metadata buffers, but V2Drop gives each
-    stage's layers their own metadata; piecewise graphs run attention eagerly between
-    the captured pieces, where the per-layer metadata is read.
+    vLLM's CUDA graph mode is kept (0.32's default: FULL_AND_PIECEWISE). A full graph replays
+    attention with the metadata it was captured with, one for every layer, so a step V2Drop plans
+    (each stage's layers with their own metadata) never takes one: the runner seam dispatches it
+    to a piecewise graph, whose attention runs eagerly between the captured pieces and reads each
+    layer's own metadata, or runs it eagerly where no piecewise graph was captured.
     """
     import os
 
-    from vllm.config import CUDAGraphMode
     from vllm.platforms import current_platform
 
     forced = []
@@ -293,9 +296,9 @@ def _force_runner_and_graphs(vllm_config) -> list[str]:
     if "VLLM_USE_BREAKABLE_CUDAGRAPH" not in os.environ and os.environ.get("VLLM_BATCH_INVARIANT", "0") != "0":
         os.environ["VLLM_USE_BREAKABLE_CUDAGRAPH"] = "0"  # vLLM turns it on for batch invariance otherwise
         forced.append("no breakable CUDA graphs with VLLM_BATCH_INVARIANT (VLLM_USE_BREAKABLE_CUDAGRAPH=0)")
-    compilation = vllm_config.compilation_config
-    mode = compilation.cudagraph_mode
+    mode = vllm_config.compilation_config.cudagraph_mode
     if current_platform.is_cuda_alike() and (mode is None or mode.has_full_cudagraphs()):
-        compilation.cudagraph_mode = CUDAGraphMode.PIECEWISE
-        forced.append("piecewise CUDA graphs (each stage's layers read their own attention metadata)")
+        logger.info("V2Drop CUDA graphs: full graphs for steps V2Drop plans nothing in (text, decodes of "
+                    "requests that dropped nothing); steps with per-stage attention metadata run %s",
+                    "piecewise graphs" if mode is None or mode.has_piecewise_cudagraphs() else "eagerly")
     return forced

@@ -33,6 +33,17 @@ _BY = "seams.runner."
 SEAM = Seam("model runner", "worker: each stage's attention metadata and slot mapping, read off vLLM's V1 runner", (
     Touch("vllm.v1.worker.gpu_model_runner:GPUModelRunner._model_forward", "(self)", NAMES, _BY + "install"),
     Touch("vllm.v1.worker.gpu_model_runner:GPUModelRunner.get_model", "(self)", CALLS, _BY + "install"),
+    # wrapped: a real step's inputs are prepared; planned next, before vLLM picks its CUDA graph
+    Touch("vllm.v1.worker.gpu_model_runner:GPUModelRunner._prepare_inputs",
+          "(self, scheduler_output, num_scheduled_tokens)", EXACT, _BY + "install"),
+    Touch("vllm.v1.worker.gpu_model_runner:GPUModelRunner._determine_batch_execution_and_padding", "(self)",
+          NAMES, _BY + "install"),
+    Touch("vllm.v1.cudagraph_dispatcher:CudagraphDispatcher.dispatch",
+          "(self, num_tokens, uniform_decode=False, has_lora=False, num_active_loras=0, valid_modes=None, "
+          "invalid_modes=None)", EXACT, _BY + "_no_full_graph"),
+    Touch("vllm.config:CUDAGraphMode.FULL", None, NAMES, _BY + "_no_full_graph"),
+    Touch("vllm.forward_context:ForwardContext", "(no_compile_layers, attn_metadata, slot_mapping, *, cudagraph_runtime_mode)",
+          NAMES, _BY + "_step_plan"),
     # wrapped: frees the stash of finished, aborted and preempted requests (chunked_items)
     Touch("vllm.v1.worker.gpu_model_runner:GPUModelRunner._update_states", "(self, scheduler_output)", NAMES,
           _BY + "install"),
@@ -94,6 +105,8 @@ def install() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     patch(GPUModelRunner, "_model_forward", _staged_forward)
+    patch(GPUModelRunner, "_prepare_inputs", _marked_prepared)
+    patch(GPUModelRunner, "_determine_batch_execution_and_padding", _planned_dispatch)
     patch(GPUModelRunner, "_update_states", _stash_freed)
     patch(GPUModelRunner, "_dummy_run", _profiled_dummy_run)
 
@@ -121,8 +134,7 @@ def _staged_forward(original):
         if groups and groups[0] and self.__dict__.get("_v2drop_deferred") is not tables:
             _defer_stage_slots(self, runtime, tables)  # from the next step on
         pending = tables.__dict__.pop("_v2drop_pending", None)
-        batch = read_batch(self)
-        step = runtime.plan_step(batch) if batch is not None else None
+        batch, step = _step_plan(self)
         staging = None
         if step is not None:
             staging = _step_staging(self, runtime)
@@ -143,6 +155,85 @@ def _staged_forward(original):
         return out
 
     return _model_forward
+
+
+def _marked_prepared(prepare_inputs):
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+        """vLLM prepares a real step's inputs (dummy runs do not): its plan is made next, before
+        vLLM picks the step's CUDA graph (:func:`_planned_dispatch`)."""
+        out = prepare_inputs(self, scheduler_output, num_scheduled_tokens)
+        self._v2drop_planned = _PREPARED
+        return out
+
+    return _prepare_inputs
+
+
+_PREPARED = object()  # the step's inputs are prepared, its plan not made yet
+
+
+def _planned_dispatch(determine):
+    def _determine_batch_execution_and_padding(self, *args, **kwargs):
+        """Plan the step the runner has just prepared, and let vLLM's CUDA graph dispatcher pick a
+        full graph only for a step V2Drop plans nothing in.
+
+        A full graph replays attention with the metadata it was captured with, one for every
+        layer; a step V2Drop plans gives each stage's layers their own, read when attention runs
+        eagerly between the pieces of a piecewise graph. A step without a plan (text only, decodes
+        of requests that dropped nothing) is vLLM's own step and keeps vLLM's full graphs.
+        """
+        runtime = getattr(self.get_model(), "v2drop_runtime", None)
+        if runtime is None or self.__dict__.get("_v2drop_planned") is not _PREPARED:
+            return determine(self, *args, **kwargs)
+        batch = read_batch(self)
+        step = runtime.plan_step(batch) if batch is not None else None
+        self._v2drop_planned = (batch, step)
+        if step is None:
+            return determine(self, *args, **kwargs)
+        dispatcher = self.cudagraph_dispatcher
+        patch(dispatcher, "dispatch", _no_full_graph)
+        dispatcher._v2drop_no_full = True
+        try:
+            return determine(self, *args, **kwargs)
+        finally:
+            dispatcher._v2drop_no_full = False
+
+    return _determine_batch_execution_and_padding
+
+
+def _no_full_graph(dispatch):
+    """vLLM's ``CudagraphDispatcher.dispatch`` (one dispatcher's), without full graphs while the
+    dispatcher's ``_v2drop_no_full`` is set: a piecewise graph where vLLM captured one, else eager."""
+    from vllm.config import CUDAGraphMode
+
+    def dispatch_(num_tokens, uniform_decode=False, has_lora=False, num_active_loras=0,
+                  valid_modes=None, invalid_modes=None):
+        owner = dispatch.__self__
+        if owner.__dict__.get("_v2drop_no_full"):
+            invalid_modes = {CUDAGraphMode.FULL, *(invalid_modes or ())}
+            if valid_modes is not None and not set(valid_modes) - invalid_modes:
+                valid_modes = {CUDAGraphMode.NONE}  # data parallel: the ranks agreed on FULL
+        return dispatch(num_tokens, uniform_decode, has_lora, num_active_loras, valid_modes, invalid_modes)
+
+    return dispatch_
+
+
+def _step_plan(runner) -> tuple[BatchView | None, StepPlan | None]:
+    """The running step's batch and V2Drop plan (made before vLLM picked its CUDA graph); None,
+    None in dummy and profile runs. A plan never runs under a full CUDA graph."""
+    from vllm.forward_context import get_forward_context
+
+    planned = runner.__dict__.pop("_v2drop_planned", None)
+    fc = get_forward_context()
+    if not isinstance(fc.attn_metadata, dict) or not fc.attn_metadata or planned is None:
+        return None, None
+    if planned is _PREPARED:  # vLLM decided the step's execution without its dispatch
+        batch = read_batch(runner)
+        planned = (batch, runner.get_model().v2drop_runtime.plan_step(batch) if batch is not None else None)
+    batch, step = planned
+    if step is not None and fc.cudagraph_runtime_mode is not None and fc.cudagraph_runtime_mode.name == "FULL":
+        raise RuntimeError("V2Drop: a step with per-stage attention metadata was dispatched to a full CUDA graph, "
+                           "which would replay one metadata for every layer; please report this as a bug")
+    return batch, step
 
 
 def _stash_freed(update_states):
@@ -267,13 +358,10 @@ def _build_or_reuse(group, build, own: bool, key: tuple, last: dict, common, ubi
 
 
 def read_batch(runner) -> BatchView | None:
-    """The step the runner is about to run, or None for dummy/profile runs."""
-    from vllm.forward_context import get_forward_context
-
-    fc = get_forward_context()
+    """The step the runner has prepared the inputs of, or None when it holds no request."""
     batch = runner.input_batch
     n = batch.num_reqs
-    if n == 0 or not isinstance(fc.attn_metadata, dict) or not fc.attn_metadata:
+    if n == 0:
         return None
     query_start_loc = runner.query_start_loc.np[: n + 1]
 

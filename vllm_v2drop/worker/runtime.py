@@ -37,6 +37,7 @@ from vllm_v2drop.core.scorers import stage_scores
 from vllm_v2drop.core.selection import kept_rows, segmented_topk_keep
 from vllm_v2drop.core.step_plan import StepPlan
 from vllm_v2drop.seams.staging import StepStaging, worst_case_bytes
+from vllm_v2drop.worker.segments import Segments
 from vllm_v2drop.worker.stash import ChunkStep, Stash
 
 logger = logging.getLogger("vllm.v2drop")
@@ -64,10 +65,13 @@ class DropStep:
 class V2DropRuntime:
     """Owns the schedule, the per-request plans, and the decoder loop with drops."""
 
-    def __init__(self, schedule: ResolvedSchedule, layer_names: Sequence[str], first_layer: int = 0):
+    def __init__(self, schedule: ResolvedSchedule, layer_names: Sequence[str], first_layer: int = 0,
+                 compile_backend: str | None = None):
         """``layer_names``: the attention layers of decoder layers ``first_layer ..`` on this rank
-        (a pipeline-parallel rank holds a slice of the decoder)."""
+        (a pipeline-parallel rank holds a slice of the decoder). ``compile_backend``: the
+        ``torch.compile`` backend the drop loop's segments are compiled with (None: eagerly)."""
         self.schedule = schedule
+        self.segments = Segments(compile_backend)
         self.layer_names = list(layer_names)
         stages = stage_of_layer(schedule.layers, max(schedule.num_layers, first_layer + len(layer_names)))
         self.stage_of_layer = stages[first_layer : first_layer + len(layer_names)]
@@ -222,6 +226,8 @@ class V2DropRuntime:
             hidden = inputs_embeds if inputs_embeds is not None else lm.embed_input_ids(input_ids)
             num_padded, num_rows = hidden.shape[0], drop.segment.shape[0]
             hidden, positions = hidden[:num_rows], positions[..., :num_rows]
+            if self.segments.backend is not None:  # views of vLLM's input buffers: their sizes would guard the graphs
+                hidden, positions = hidden.clone(), positions.clone()
             residual = None
             rows = torch.arange(num_rows, device=hidden.device)
             segment, token_index = drop.segment, drop.token_index
@@ -253,18 +259,19 @@ class V2DropRuntime:
                 drop.kept_log.append((segment, token_index))
                 drop.kept_layers.append(sched.layers[s - 1])
 
-        for idx in range(lm.start_layer, lm.end_layer):
-            s = stage_at.get(idx)
-            if s is not None and idx != lm.start_layer:  # at start_layer: cut by the previous rank
+        adds_after = adds_after or {}
+        bounds = sorted({lm.start_layer, lm.end_layer, *(l for l in stage_at if lm.start_layer < l < lm.end_layer),
+                         *(l + 1 for l in adds_after if lm.start_layer <= l < lm.end_layer - 1)})
+        for first, last in zip(bounds, bounds[1:]):
+            s = stage_at.get(first)
+            if s is not None and first != lm.start_layer:  # at start_layer: cut by the previous rank
                 cut(s)
                 if chunk is not None and not drop.plan.num_rows(s):  # every row went to the stash
                     return hidden.new_zeros((num_padded, hidden.shape[-1]))
-            if idx + 1 in stage_at:
-                # Never the layer's input itself: a layer given residual=None makes its input the
-                # residual, which vLLM's fused add + RMSNorm (its CUDA kernel) then updates in place.
-                x_prev = hidden.clone() if residual is None else hidden + residual
-            hidden, residual = lm.layers[idx](positions, hidden, residual)
-            add = adds_after.get(idx) if adds_after else None
+            hidden, residual, prev = self.segments(lm, first, last, last in stage_at, positions, hidden, residual)
+            if prev is not None:
+                x_prev = prev
+            add = adds_after.get(last - 1)
             if add is not None:
                 hidden = hidden + add[rows]
         if lm.end_layer < sched.num_layers:  # not the last pipeline rank
