@@ -6,7 +6,8 @@ and this package installed; no network needed):
 
 It builds a random-weight LLaVA-OneVision locally (``vllm_v2drop.dev.make_model``: the published 7B
 shapes, bfloat16) and runs vLLM's production path: vLLM's default compilation (torch.compile,
-CUDA graphs: piecewise, as V2Drop forces them), no ``--enforce-eager``, FlashAttention,
+CUDA graphs FULL_AND_PIECEWISE: full graphs for steps V2Drop plans nothing in, piecewise ones for
+the others, the drop loop's segments compiled), no ``--enforce-eager``, FlashAttention,
 ``VLLM_GPU_SYNC_CHECK=warn``. Engines, one process each, one after the other, each with its log:
 
 * ``stock``: vLLM without V2Drop, with its defaults (on a GPU: Model Runner V2, full CUDA graphs
@@ -382,6 +383,10 @@ def read_log(text: str) -> dict:
             "flash_attn_version": (int(v) if (v := last(r"Using FlashAttention version (\d+)")) else None),
             "cudagraph_mode": last(r"'cudagraph_mode': <CUDAGraphMode\.(\w+)"),
             "v2drop_forces": last(r"V2Drop forces: (.*)"),
+            # the CUDA graph modes steps ran with, by whether V2Drop planned them (per-stage metadata)
+            "graph_modes": {kind: sorted(set(re.findall(rf"V2Drop: the first step {kind} per-stage attention "
+                                                        r"metadata ran with CUDA graph mode (\w+)", text)))
+                            for kind in ("with", "without")},
             "sync_warnings": len(syncs), "sync_sites": sites,
             "tracebacks": text.count("Traceback (most recent call last)")}
 
@@ -409,14 +414,19 @@ def judge(run: dict, results: dict, logs: dict, shape: dict, model_info: dict, c
                 and log["flash_attn_version"] == 3 and facts["flash_attn_versions"] == [3],
                 log_backend=log["attention_backend"], log_version=log["flash_attn_version"],
                 layers=facts["flash_attn_versions"])
-        want = "NONE" if spec["eager"] or not cuda else "PIECEWISE" if v2 else None
+        want = "NONE" if spec["eager"] or not cuda else "FULL_AND_PIECEWISE" if v2 else None
         if want:
             add(f"CUDA graph mode {want}", name, log["cudagraph_mode"] == want == facts["cudagraph_mode"],
                 log=log["cudagraph_mode"], engine_config=facts["cudagraph_mode"])
+        if v2:  # steps V2Drop planned never under a full graph; compiled on a GPU: the others under one
+            graphs = cuda and not spec["eager"]
+            modes = log["graph_modes"]
+            add("CUDA graphs by step: planned piecewise, unplanned full" if graphs else "CUDA graphs by step: none",
+                name, modes["with"] == (["PIECEWISE"] if graphs else ["NONE"])
+                and (("FULL" in modes["without"]) if graphs else modes["without"] == ["NONE"]), **modes)
         forces = log["v2drop_forces"]
         if v2:
-            need = ["disable_chunked_mm_input"] + (["V1 model runner", "piecewise CUDA graphs"]
-                                                   if cuda and not spec["eager"] else [])
+            need = ["disable_chunked_mm_input"] + (["V1 model runner"] if cuda and not spec["eager"] else [])
             add("V2Drop forced-settings line", name, forces is not None and all(x in forces for x in need),
                 line=forces, needs=need)
         else:

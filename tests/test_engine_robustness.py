@@ -147,7 +147,10 @@ def compiled(tiny_models, engines):
 
 def test_compiled_engine_matches_reference(compiled, tiny_models):
     """With torch.compile on (vLLM's default), decode and text-only steps run vLLM's compiled model with
-    per-stage attention metadata, drop steps run the eager loop: tokens still equal the reference."""
+    per-stage attention metadata, drop steps the drop loop's segments compiled with Inductor (one graph
+    per segment between drop points): tokens still equal the reference."""
+    from vllm_v2drop.dev.kv_probe import profiled_rows
+
     from test_engine import requests, resolved
     from vllm.config import CompilationMode
 
@@ -162,6 +165,10 @@ def test_compiled_engine_matches_reference(compiled, tiny_models):
     expected = [reference.generate([ref_request(r)], schedule, 16)[0].token_ids for r in reqs.values()]
     assert alone == expected
     assert together == expected
+    info = compiled.collective_rpc(profiled_rows)[0]
+    bounds = [0, *info["layers"], compiled.llm_engine.model_config.hf_text_config.num_hidden_layers]
+    assert info["segment_backend"] == "inductor"
+    assert info["compiled_segments"] == [[a, b] for a, b in zip(bounds, bounds[1:])]
 
 
 def test_profiling_run_is_a_drop_step_at_the_largest_step(compiled, tiny_models):

@@ -3,7 +3,7 @@
 end, so that the one-command GPU run cannot rot.
 
 The dry run's raw results are then judged again as if they came from a GPU: the checks only a GPU
-can pass (FlashAttention 3, piecewise CUDA graphs, the forced V1 runner) must fail on them.
+can pass (FlashAttention 3, full and piecewise CUDA graphs by step, the forced V1 runner) must fail on them.
 """
 
 from __future__ import annotations
@@ -63,11 +63,14 @@ def test_expected_kv_rows_follow_the_schedule():
 
 LOG = """\
 (EngineCore pid=1) INFO [core.py:133] Initializing a V1 LLM engine (v0.32.0) with config: model='m', \
-compilation_config={'mode': <CompilationMode.VLLM_COMPILE: 3>, 'cudagraph_mode': <CUDAGraphMode.PIECEWISE: 1>}
+compilation_config={'mode': <CompilationMode.VLLM_COMPILE: 3>, 'cudagraph_mode': <CUDAGraphMode.FULL_AND_PIECEWISE: 2>}
 (EngineCore pid=1) INFO [cuda.py:507] Using FLASH_ATTN attention backend out of potential backends: ['FLASH_ATTN'].
 (EngineCore pid=1) INFO [flash_attn.py:1118] Using FlashAttention version 3
 (APIServer pid=0) INFO [registry.py:196] V2Drop forces: multimodal items never split (disable_chunked_mm_input); \
-the V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0); piecewise CUDA graphs (each stage's layers read their own metadata)
+the V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)
+(EngineCore pid=1) INFO [runner.py:240] V2Drop: the first step without per-stage attention metadata ran with CUDA graph mode FULL
+(EngineCore pid=1) INFO [runner.py:240] V2Drop: the first step with per-stage attention metadata ran with CUDA graph mode PIECEWISE
+(EngineCore pid=1) INFO [runner.py:240] V2Drop: the first step without per-stage attention metadata ran with CUDA graph mode PIECEWISE
 (EngineCore pid=1) /x/vllm_v2drop/worker/runtime.py:88: UserWarning: called a synchronizing CUDA operation (Triggered)
 (EngineCore pid=1) /x/vllm_v2drop/worker/runtime.py:88: UserWarning: called a synchronizing CUDA operation (Triggered)
 (EngineCore pid=1) /x/vllm/sampler.py:12: UserWarning: Tensor.to: a non_blocking H2D copy that may be silently \
@@ -78,12 +81,14 @@ synchronous (the CPU tensor is not pinned). Implicit GPU<->CPU sync detected - u
 def test_read_log():
     got = gpu_run.read_log(LOG)
     assert got["attention_backend"] == "FLASH_ATTN" and got["flash_attn_version"] == 3
-    assert got["cudagraph_mode"] == "PIECEWISE" and not got["v2_runner_line"] and got["tracebacks"] == 0
-    assert "piecewise CUDA graphs" in got["v2drop_forces"] and "V1 model runner" in got["v2drop_forces"]
+    assert got["cudagraph_mode"] == "FULL_AND_PIECEWISE" and not got["v2_runner_line"] and got["tracebacks"] == 0
+    assert "V1 model runner" in got["v2drop_forces"]
+    assert got["graph_modes"] == {"with": ["PIECEWISE"], "without": ["FULL", "PIECEWISE"]}
     assert got["sync_warnings"] == 3
     assert got["sync_sites"] == {"/x/vllm_v2drop/worker/runtime.py:88": 2, "/x/vllm/sampler.py:12": 1}
     none = gpu_run.read_log("Using V2 Model Runner\nTraceback (most recent call last):\n")
     assert none["v2_runner_line"] and none["tracebacks"] == 1 and none["v2drop_forces"] is None
+    assert none["graph_modes"] == {"with": [], "without": []}
 
 
 # ------------------------------------------------------------------------------------ the dry run
@@ -117,7 +122,8 @@ def test_dry_run_passes_every_check(dry_run):
     checks = {(c["engine"], c["check"]): c for c in report["checks"]}
     assert all(c["ok"] for c in checks.values())
     for engine in ("shared-eager", "per_stage"):
-        for check in ("V1 model runner", "V2Drop forced-settings line", "v2drop_off equals stock"):
+        for check in ("V1 model runner", "V2Drop forced-settings line", "v2drop_off equals stock",
+                      "CUDA graphs by step: none"):
             assert (engine, check) in checks
         for n in (1, 3, 5):
             batched = checks[(engine, f"batched equals alone ({n} image requests + decodes)")]
@@ -139,7 +145,8 @@ def test_dry_run_results_fail_where_they_should(dry_run):
     as_gpu = {**shape, "dtype": "bfloat16"}
     failed = {(c["engine"], c["check"]) for c in gpu_run.judge(run, results, logs, as_gpu, model, cuda=True)
               if not c["ok"]}
-    assert {("stock-eager", "FLASH_ATTN, FlashAttention 3"), ("per_stage", "CUDA graph mode PIECEWISE"),
+    assert {("stock-eager", "FLASH_ATTN, FlashAttention 3"), ("per_stage", "CUDA graph mode FULL_AND_PIECEWISE"),
+            ("per_stage", "CUDA graphs by step: planned piecewise, unplanned full"),
             ("per_stage", "V2Drop forced-settings line")} <= failed
     assert not any(c.startswith(("batched", "KV rows")) for _, c in failed)
 

@@ -111,3 +111,42 @@ def test_rank_hands_on_kept_rows_first():
     rows = it[ROWS_KEY][:n]
     assert bool((rows[1:] > rows[:-1]).all()) and not it[ROWS_KEY][n:].any()
     assert not it["hidden_states"][n:].any() and it["hidden_states"][:n].abs().sum(-1).min() > 0
+
+
+def test_compiled_segments_equal_the_eager_loop():
+    """The drop loop's layers between drop points, compiled (traced by Dynamo; the Inductor backend
+    on vLLM's own layers is the GPU smoke test's dry run, ``tests/test_gpu_run.py``), keep the same
+    rows and give the eager loop's output, with per-row additions after layers (Qwen3-VL's
+    DeepStack) and on a pipeline rank that ends at a drop layer."""
+    backend = "eager"
+    sched = dataclasses.replace(schedule((1, 4, 6)), trace=None)
+    layers = torch.nn.ModuleList(ToyLayer(i) for i in range(DEPTH))
+    rows = 77
+    g = torch.Generator().manual_seed(1)
+    embeds = torch.randn(rows + PAD, HIDDEN, generator=g)
+    adds = {0: torch.randn(rows + PAD, HIDDEN, generator=g), 2: torch.randn(rows + PAD, HIDDEN, generator=g)}
+    positions = torch.cat([torch.arange(30), torch.arange(7), torch.arange(40), torch.zeros(PAD, dtype=torch.long)])
+
+    def forward(compile_backend, end):
+        view = batch()
+        rt = V2DropRuntime(sched, [f"layer{i}" for i in range(end)], compile_backend=compile_backend)
+        rt.schedule = dataclasses.replace(sched, trace="unused")  # record the kept rows; off again before the step ends
+        with rt.active(rt.plan_step(view), view, torch.device("cpu")):
+            drop = rt.current(rows + PAD)
+            out = rt.forward(ToyDecoder(layers, 0, end), drop, None, positions, embeds, adds_after=adds)
+            kept = [(seg.tolist(), tok.tolist()) for seg, tok in drop.kept_log]
+            rt.schedule = sched
+        return out, kept, rt
+
+    for end in (DEPTH, 4):  # the whole decoder; a first pipeline rank whose last layer precedes a drop
+        eager, eager_kept, _ = forward(None, end)
+        compiled, compiled_kept, rt = forward(backend, end)
+        assert compiled_kept == eager_kept and len(eager_kept) == (3 if end == DEPTH else 2)
+        if end == DEPTH:
+            torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+        else:
+            for k in ("hidden_states", "residual", ROWS_KEY):
+                torch.testing.assert_close(compiled[k], eager[k], rtol=1e-5, atol=1e-5)
+        # one graph per segment between drop points and additions: [0,1) [1,3) [3,4) [4,6) [6,8)
+        assert sorted(k[1:3] for k in rt.segments._compiled) == (
+            [(0, 1), (1, 3), (3, 4), (4, 6), (6, 8)] if end == DEPTH else [(0, 1), (1, 3), (3, 4)])

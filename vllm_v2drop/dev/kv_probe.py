@@ -121,4 +121,6 @@ def profiled_rows(worker) -> dict:
     the stage count, and the largest step the engine schedules."""
     runtime = worker.model_runner.get_model().v2drop_runtime
     return {"profiled": runtime.profiled, "num_stages": len(runtime.schedule.layers),
-            "max_num_tokens": worker.model_runner.max_num_tokens}
+            "max_num_tokens": worker.model_runner.max_num_tokens, "layers": list(runtime.schedule.layers),
+            "segment_backend": runtime.segments.backend,
+            "compiled_segments": sorted([first, last] for _, first, last, _ in runtime.segments._compiled)}

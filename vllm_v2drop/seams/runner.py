@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 
 import numpy as np
 import torch
@@ -25,6 +26,8 @@ from vllm_v2drop.seams.staging import StepStaging, worst_case_bytes
 from vllm_v2drop.worker.audit import BlockAudit
 from vllm_v2drop.worker.audit import enabled as audit_enabled
 from vllm_v2drop.worker.runtime import V2DropRuntime
+
+logger = logging.getLogger("vllm.v2drop")
 
 _BT = "vllm.v1.worker.block_table"
 _AG = "vllm.v1.worker.utils"
@@ -230,7 +233,13 @@ def _step_plan(runner) -> tuple[BatchView | None, StepPlan | None]:
         batch = read_batch(runner)
         planned = (batch, runner.get_model().v2drop_runtime.plan_step(batch) if batch is not None else None)
     batch, step = planned
-    if step is not None and fc.cudagraph_runtime_mode is not None and fc.cudagraph_runtime_mode.name == "FULL":
+    mode = getattr(fc.cudagraph_runtime_mode, "name", "NONE")
+    seen = runner.__dict__.setdefault("_v2drop_graph_modes", set())
+    if (step is not None, mode) not in seen:  # once per kind of step and graph mode
+        seen.add((step is not None, mode))
+        logger.info("V2Drop: the first step %s per-stage attention metadata ran with CUDA graph mode %s",
+                    "with" if step is not None else "without", mode)
+    if step is not None and mode == "FULL":
         raise RuntimeError("V2Drop: a step with per-stage attention metadata was dispatched to a full CUDA graph, "
                            "which would replay one metadata for every layer; please report this as a bug")
     return batch, step
