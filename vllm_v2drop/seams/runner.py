@@ -187,9 +187,7 @@ def _planned_dispatch(determine):
         runtime = getattr(self.get_model(), "v2drop_runtime", None)
         if runtime is None or self.__dict__.get("_v2drop_planned") is not _PREPARED:
             return determine(self, *args, **kwargs)
-        batch = read_batch(self)
-        step = runtime.plan_step(batch) if batch is not None else None
-        self._v2drop_planned = (batch, step)
+        self._v2drop_planned = batch, step = _plan(self, runtime)
         if step is None:
             return determine(self, *args, **kwargs)
         dispatcher = self.cudagraph_dispatcher
@@ -201,6 +199,12 @@ def _planned_dispatch(determine):
             dispatcher._v2drop_no_full = False
 
     return _determine_batch_execution_and_padding
+
+
+def _plan(runner, runtime: V2DropRuntime) -> tuple[BatchView | None, StepPlan | None]:
+    """The prepared step's batch and its V2Drop plan (None for a step V2Drop plans nothing in)."""
+    batch = read_batch(runner)
+    return batch, runtime.plan_step(batch) if batch is not None else None
 
 
 def _no_full_graph(dispatch):
@@ -230,8 +234,7 @@ def _step_plan(runner) -> tuple[BatchView | None, StepPlan | None]:
     if not isinstance(fc.attn_metadata, dict) or not fc.attn_metadata or planned is None:
         return None, None
     if planned is _PREPARED:  # vLLM decided the step's execution without its dispatch
-        batch = read_batch(runner)
-        planned = (batch, runner.get_model().v2drop_runtime.plan_step(batch) if batch is not None else None)
+        planned = _plan(runner, runner.get_model().v2drop_runtime)
     batch, step = planned
     mode = getattr(fc.cudagraph_runtime_mode, "name", "NONE")
     seen = runner.__dict__.setdefault("_v2drop_graph_modes", set())
